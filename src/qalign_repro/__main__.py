@@ -1,0 +1,3 @@
+from qalign_repro.run import main
+
+main()

@@ -1,0 +1,171 @@
+"""Shared Hydra entry-point plumbing for the stages.
+
+Hydra reports a bad override with a multi-line trace; users get one line instead: before handing control to
+``hydra.main`` the overrides are composed once with the compose API and every failure is turned into
+``error: <what is wrong>; allowed: <options>`` (exit 2), before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qalign_repro.errors import ConfigError, DataError, StorageError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+GROUPS = ("model", "reward", "dataset", "method", "backend", "storage", "experiment")
+_USER_ERRORS = (ConfigError, DataError, StorageError)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        keys.append(name)
+        if isinstance(v, DictConfig):
+            keys.extend(_config_keys(v, name + "."))
+    return keys
+
+
+def _hydra_error_to_line(exc: Exception, overrides: list[str]) -> str:
+    msg = str(exc)
+    m = re.search(r"Could not find '([\w/]+)/([^']+)'", msg)
+    if m:
+        group, value = m.group(1), m.group(2)
+        return f"{group}={value} is not a known option; allowed: {', '.join(group_options(group))}"
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        key = m.group(1)
+        base = _compose([o for o in overrides if not o.split("=")[0].lstrip("+~").startswith(key)])
+        known = _config_keys(base) if base is not None else []
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown config key '{key}'{hint} (add a new key with +{key}=...)"
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    return first
+
+
+def _compose(overrides: list[str]) -> DictConfig | None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except Exception:
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose and validate the config (for tests and the Python API); raises ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qalign_repro.config import validate
+
+    overrides = list(overrides or [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except Exception as exc:
+        raise ConfigError(_hydra_error_to_line(exc, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def _user_overrides(argv: list[str]) -> list[str]:
+    """The plain config overrides in argv (Hydra's own flags and hydra.* keys are Hydra's business)."""
+    out = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
+                 "--package", "-p", "--info", "-i"):
+            skip = a not in ("--info", "-i")
+            continue
+        if a.startswith("-") or a.lstrip("+~").startswith("hydra.") or a.startswith("hydra/"):
+            continue
+        out.append(a)
+    return out
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose + validate the CLI overrides; exit 2 with one line on any problem."""
+    if "-m" in argv or "--multirun" in argv:
+        # a sweep value list (beta=0.5,1.0) is not a single config; Hydra validates each job itself
+        return
+    try:
+        compose_config(_user_overrides(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """Turn ``fn(cfg)`` into a Hydra main with one-line errors for bad input."""
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _hydra_main(cfg: DictConfig) -> Any:
+        from qalign_repro.config import validate
+
+        try:
+            validate(cfg)
+            return fn(cfg)
+        except _USER_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def main() -> None:
+        preflight(sys.argv[1:])
+        _hydra_main()
+
+    main.__doc__ = fn.__doc__
+    return main
+
+
+def select_runs(cfg: DictConfig) -> list[str]:
+    """Run names a later stage works on: ``runs`` null = this config's run, "all" = every run of
+    ``experiment_name``, or a list of glob patterns over run names."""
+    from qalign_repro.naming import run_name
+    from qalign_repro.storage import RunStore, list_runs
+
+    root = cfg.output_root
+    spec = cfg.get("runs")
+    existing = list_runs(root)
+    if spec is None:
+        name = run_name(cfg)
+        if name not in existing:
+            raise StorageError(
+                f"no run {name!r} under {root}/runs for these overrides; run `python -m qalign_repro.run` "
+                f"with them first (existing runs: {', '.join(existing) or 'none'})"
+            )
+        return [name]
+    if spec == "all":
+        picked = [n for n in existing
+                  if RunStore(root, n, readonly=True).meta.get("experiment_name") == cfg.experiment_name]
+    else:
+        patterns = [spec] if isinstance(spec, str) else list(OmegaConf.to_container(spec))
+        picked = [n for n in existing if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    if not picked:
+        raise StorageError(f"runs={spec} matches no run under {root}/runs (existing: {', '.join(existing) or 'none'})")
+    return picked

@@ -1,0 +1,85 @@
+"""Validation of the composed config: every bad value stops the program with one line, before any model loads.
+
+Hydra checks structure (unknown groups/keys, see cli.py); this module checks values and cross-field rules
+such as exactness (QAlign targets p(y|x)·exp(r/β) only when proposals are drawn from the model itself at
+temperature 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig
+
+from qalign_repro.errors import ConfigError
+from qalign_repro.registry import UnknownNameError
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} is not a number")
+    return float(value)
+
+
+def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: an integer >= {minimum}")
+    return value
+
+
+def _check_name(registry_name: str, name: Any) -> None:
+    from qalign_repro.lm import GENERATORS
+    from qalign_repro.methods import METHODS
+    from qalign_repro.rm import REWARDS
+    from qalign_repro.tasks import TASKS
+
+    registry = {"method": METHODS, "dataset": TASKS, "backend.generator": GENERATORS,
+                "backend.reward": REWARDS}[registry_name]
+    try:
+        registry.get(str(name))
+    except UnknownNameError as exc:
+        raise ConfigError(f"{registry_name}={name}: {exc}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    beta = _number(cfg, "beta")
+    if not math.isfinite(beta) or beta <= 0:
+        raise ConfigError(f"beta={cfg.beta} is invalid; allowed: a finite number > 0")
+    temperature = _number(cfg, "temperature")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ConfigError(f"temperature={cfg.temperature} is invalid; allowed: a finite number > 0")
+    _positive_int(cfg.steps, "steps")
+    _positive_int(cfg.max_new_tokens, "max_new_tokens")
+    _positive_int(cfg.batch_size, "batch_size")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} is invalid; allowed: an integer >= 0")
+    n = cfg.dataset.get("n")
+    if n is not None:
+        _positive_int(n, "dataset.n")
+
+    _check_name("method", cfg.method.name)
+    _check_name("dataset", cfg.dataset.name)
+    _check_name("backend.generator", cfg.backend.generator)
+    _check_name("backend.reward", cfg.backend.reward)
+
+    if cfg.method.name == "qalign" and temperature != 1.0 and not cfg.allow_inexact:
+        raise ConfigError(
+            f"temperature={cfg.temperature} with method=qalign breaks exactness (the proposal must be the "
+            "model at temperature 1); allowed: temperature=1.0, or set allow_inexact=true"
+        )
+    context = cfg.model.get("max_context")
+    if context is not None and cfg.max_new_tokens >= int(context):
+        raise ConfigError(
+            f"max_new_tokens={cfg.max_new_tokens} does not fit the model context ({context} tokens); "
+            f"allowed: < {context} minus the prompt length"
+        )
+    if cfg.get("run_name") is not None:
+        from qalign_repro.storage import check_run_name
+        from qalign_repro.errors import StorageError
+
+        try:
+            check_run_name(str(cfg.run_name))
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None

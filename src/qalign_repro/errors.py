@@ -1,0 +1,13 @@
+"""User-facing errors: each carries a one-line message naming the bad value and what is allowed."""
+
+
+class ConfigError(ValueError):
+    """Invalid configuration value; raised before any model loads."""
+
+
+class DataError(ValueError):
+    """Malformed or missing input data (file, line, field)."""
+
+
+class StorageError(RuntimeError):
+    """The run store is locked, corrupted or not writable."""

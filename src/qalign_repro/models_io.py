@@ -1,0 +1,56 @@
+"""Resolving model locations: a shipped asset, a local folder or a hub id (users with internet)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qalign_repro.errors import ConfigError
+from qalign_repro.tiny import assets_dir
+
+
+def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
+    """Local folder for ``path: null`` + ``asset``; a local path is checked for weights; anything else is
+    treated as a hub id and left to ``from_pretrained``."""
+    path = cfg.get("path")
+    if path is None:
+        asset = cfg.get("asset")
+        if not asset:
+            raise ConfigError(f"{what}.path is null and no {what}.asset is set; allowed: a folder or hub id")
+        path = str(assets_dir(str(asset)))
+    p = Path(str(path)).expanduser()
+    looks_local = p.is_absolute() or str(path).startswith(".") or p.exists()
+    if looks_local:
+        if not p.is_dir():
+            raise ConfigError(f"{what}.path={path} is not a folder; allowed: a model folder or a hub id")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{what}.path={path} has no config.json; allowed: an HF-format model folder")
+        if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+            raise ConfigError(f"{what}.path={path} has no weights (*.safetensors or *.bin)")
+        return str(p)
+    return str(path)
+
+
+def count_parameters(model: Any) -> int:
+    return int(sum(t.numel() for t in model.parameters()))
+
+
+def torch_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "auto": "auto"}
+    if name not in table:
+        raise ConfigError(f"dtype={name} is invalid; allowed: {', '.join(table)}")
+    return table[name]
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"backend.device={name} is invalid; allowed: auto, cpu, cuda, cuda:N")
+    return name

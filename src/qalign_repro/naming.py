@@ -1,0 +1,38 @@
+"""Run names: a readable slug plus a short hash of everything that changes what a run generates.
+
+``steps`` is left out on purpose: rerunning with a larger ``steps`` extends the same chains instead of
+starting over. Output locations, progress bars and later-stage settings are left out too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+#: top-level keys whose value changes the generated data
+GENERATION_KEYS = ("model", "reward", "dataset", "method", "backend", "beta", "seed", "max_new_tokens",
+                   "temperature", "shard")
+
+
+def generation_config(cfg: DictConfig) -> dict:
+    full = OmegaConf.to_container(cfg, resolve=True)
+    return {k: full[k] for k in GENERATION_KEYS if k in full}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(generation_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _slug(value: object) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-") or "x"
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
+    parts = [cfg.dataset.name, cfg.method.name, cfg.model.name, f"b{cfg.beta:g}", f"s{cfg.seed}"]
+    return "-".join(_slug(p) for p in parts) + "-" + config_hash(cfg)
