@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from _helpers import run_module
 
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
 from qalign_repro.naming import run_name
-
-from _helpers import run_module
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,9 @@ import signal
 from pathlib import Path
 
 import pytest
+from _helpers import run_module
 
 from qalign_repro.storage import RunStore, list_runs
-
-from _helpers import run_module
 
 
 def stored_data(root: Path) -> list:

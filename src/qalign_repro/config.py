@@ -19,7 +19,7 @@ from qalign_repro.registry import UnknownNameError
 def _number(cfg: DictConfig, key: str) -> float:
     value = cfg.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}={value!r} is not a number")
+        raise ConfigError(f"{key}={value!r} is not a number" + ("; allowed: a number > 0, or auto" if key == "beta" else ""))
     return float(value)
 
 
@@ -44,9 +44,10 @@ def _check_name(registry_name: str, name: Any) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    beta = _number(cfg, "beta")
-    if not math.isfinite(beta) or beta <= 0:
-        raise ConfigError(f"beta={cfg.beta} is invalid; allowed: a finite number > 0")
+    if cfg.beta != "auto":
+        beta = _number(cfg, "beta")
+        if not math.isfinite(beta) or beta <= 0:
+            raise ConfigError(f"beta={cfg.beta} is invalid; allowed: a finite number > 0, or auto")
     temperature = _number(cfg, "temperature")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ConfigError(f"temperature={cfg.temperature} is invalid; allowed: a finite number > 0")
@@ -58,6 +59,12 @@ def validate(cfg: DictConfig) -> None:
     n = cfg.dataset.get("n")
     if n is not None:
         _positive_int(n, "dataset.n")
+
+    shard = cfg.get("shard") or {"index": 0, "count": 1}
+    count = _positive_int(shard.get("count", 1), "shard.count")
+    index = shard.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ConfigError(f"shard.index={index!r} is invalid; allowed: 0..{count - 1} for shard.count={count}")
 
     _check_name("method", cfg.method.name)
     _check_name("dataset", cfg.dataset.name)
@@ -76,8 +83,8 @@ def validate(cfg: DictConfig) -> None:
             f"allowed: < {context} minus the prompt length"
         )
     if cfg.get("run_name") is not None:
-        from qalign_repro.storage import check_run_name
         from qalign_repro.errors import StorageError
+        from qalign_repro.storage import check_run_name
 
         try:
             check_run_name(str(cfg.run_name))

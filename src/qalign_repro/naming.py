@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 #: top-level keys whose value changes the generated data
 GENERATION_KEYS = ("model", "reward", "dataset", "method", "backend", "beta", "seed", "max_new_tokens",
-                   "temperature", "shard")
+                   "temperature")
 
 
 def generation_config(cfg: DictConfig) -> dict:
@@ -31,8 +31,16 @@ def _slug(value: object) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-") or "x"
 
 
-def run_name(cfg: DictConfig) -> str:
+def group_name(cfg: DictConfig) -> str:
+    """The name of the whole run; shards of it share this name as a prefix."""
     if cfg.get("run_name"):
         return str(cfg.run_name)
-    parts = [cfg.dataset.name, cfg.method.name, cfg.model.name, f"b{cfg.beta:g}", f"s{cfg.seed}"]
+    parts = [cfg.dataset.name, cfg.method.name, cfg.model.name, f"b{cfg.beta:g}" if cfg.beta != "auto" else "bauto", f"s{cfg.seed}"]
     return "-".join(_slug(p) for p in parts) + "-" + config_hash(cfg)
+
+
+def run_name(cfg: DictConfig) -> str:
+    shard = cfg.get("shard") or {}
+    count = int(shard.get("count", 1))
+    base = group_name(cfg)
+    return base if count <= 1 else f"{base}.shard{int(shard.get('index', 0))}of{count}"

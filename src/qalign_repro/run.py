@@ -17,7 +17,7 @@ from qalign_repro.cli import entry_point
 from qalign_repro.errors import ConfigError, StorageError
 from qalign_repro.methods import METHODS
 from qalign_repro.methods.base import Chain, RunContext
-from qalign_repro.naming import config_hash, run_name
+from qalign_repro.naming import config_hash, group_name, run_name
 from qalign_repro.provenance import environment_info
 from qalign_repro.storage import RunStore
 from qalign_repro.tasks import get_task
@@ -42,16 +42,23 @@ def initial_meta(cfg: DictConfig, name: str, task: Any) -> dict[str, Any]:
         "method": str(cfg.method.name),
         "dataset": str(cfg.dataset.name),
         "mbr_kind": task.mbr_kind,
-        "beta": float(cfg.beta),
+        "beta": cfg.beta if cfg.beta == "auto" else float(cfg.beta),
         "seed": int(cfg.seed),
         "steps": int(cfg.steps),
         "max_new_tokens": int(cfg.max_new_tokens),
         "config_hash": config_hash(cfg),
+        "group": group_name(cfg),
+        "shard": {"index": int(cfg.shard.index), "count": int(cfg.shard.count)},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "status": "created",
         "steps_done": 0,
         "wall_time_s": 0.0,
     }
+
+
+def shard_docs(docs: list[dict], index: int, count: int) -> list[dict]:
+    """Round-robin split, so shards get similar mixes of prompts and sizes differ by at most one."""
+    return docs[index::count]
 
 
 def _prepare_instances(store: RunStore, task: Any, docs: list[dict], generator: Any, max_new: int) -> None:
@@ -80,7 +87,7 @@ def _prepare_instances(store: RunStore, task: Any, docs: list[dict], generator: 
 def execute(cfg: DictConfig) -> RunStore:
     """Run (or resume, or extend) the configured run and return its store."""
     task = get_task(OmegaConf.to_container(cfg.dataset, resolve=True))
-    docs = task.docs()
+    docs = shard_docs(task.docs(), int(cfg.shard.index), int(cfg.shard.count))
     name = run_name(cfg)
     store = RunStore(cfg.output_root, name, create=True, meta=initial_meta(cfg, name, task))
     with store.lock():
@@ -101,7 +108,8 @@ def execute(cfg: DictConfig) -> RunStore:
             reward={"name": str(cfg.reward.name), "path": getattr(reward, "path", None), "n_params": reward.n_params},
             environment=environment_info(),
         )
-        ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed), beta=float(cfg.beta),
+        beta = _resolve_beta(cfg, store, generator, reward)
+        ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed), beta=beta,
                          max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
                          batch_size=int(cfg.batch_size), method_cfg=OmegaConf.to_container(cfg.method, resolve=True))
         last = store.last_outputs()
@@ -109,6 +117,21 @@ def execute(cfg: DictConfig) -> RunStore:
                         last=last.get(i["idx"])) for i in store.inputs()]
         _loop(cfg, store, method, ctx, chains, done, name)
     return store
+
+
+def _resolve_beta(cfg: DictConfig, store: RunStore, generator: Any, reward: Any) -> float:
+    """A number, or for ``beta=auto`` the calibrated value (stored in meta so a resumed run keeps it)."""
+    if cfg.beta != "auto":
+        return float(cfg.beta)
+    meta = store.meta
+    if isinstance(meta.get("beta"), float):
+        return meta["beta"]
+    from qalign_repro.calibrate import load_or_calibrate
+
+    result = load_or_calibrate(cfg, generator, reward)
+    store.update_meta(beta=float(result["beta"]), beta_calibration=result)
+    print(f"beta=auto: calibrated beta={result['beta']:.4g} (chain acceptance {result['chain_acceptance']:.3f})")
+    return float(result["beta"])
 
 
 def _loop(cfg: DictConfig, store: RunStore, method: Any, ctx: RunContext, chains: list[Chain], start: int,
@@ -138,8 +161,12 @@ def _loop(cfg: DictConfig, store: RunStore, method: Any, ctx: RunContext, chains
                       time_in_generate_s=ctx.timers["generate"], time_in_reward_s=ctx.timers["reward"],
                       finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"run {name}: {store.steps_done()} steps for {len(chains)} prompts stored in {store.dir}")
-    if cfg.method.name == "qalign" and total:
-        print(f"  acceptance rate this session: {accepted / total:.3f}")
+    if cfg.method.name == "qalign":
+        from qalign_repro.diagnostics import format_diagnostics, run_diagnostics
+
+        diag = run_diagnostics(store)
+        store.update_meta(diagnostics=diag)
+        print("MCMC diagnostics:\n" + format_diagnostics(diag))
 
 
 @entry_point

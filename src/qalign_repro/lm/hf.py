@@ -93,7 +93,6 @@ class HFGenerator:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
-        limits = torch.tensor(max_tokens)
         eos = torch.tensor(self.eos_token_ids)
 
         out_ids: list[list[int]] = [[] for _ in range(batch)]
@@ -105,7 +104,7 @@ class HFGenerator:
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1, :]
-        for t in range(int(limits.max())):
+        for _ in range(max(max_tokens)):
             logp = torch.log_softmax(logits.float().cpu() / temperature, dim=-1)
             probs = logp.exp()
             u = torch.stack([torch.rand((), generator=g) for g in generators])

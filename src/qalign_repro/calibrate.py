@@ -1,0 +1,165 @@
+"""``python -m qalign_repro.calibrate``: choose β for a target QAlign acceptance rate (the paper tunes for ≈ 50 %).
+
+Two stages, both on a few calibration prompts:
+1. *Pairs.* Draw ancestral states y and one Quest proposal y' from each. The acceptance of a pair,
+   min(1, exp((r' − r)/β)·|y|/|y'|), is known in closed form for every β, so a grid over log β gives the β
+   whose mean acceptance hits the target without sampling again.
+2. *Chains.* Run a short real chain at that β and measure its acceptance (the chain's states are not
+   ancestral, so stage 1 is only a first guess); acceptance grows with β, so bracket the target in log β and
+   bisect until the measured rate is within ``calibrate.tolerance`` of it or the iterations run out.
+The result (β, both acceptance estimates, the history) is written to
+``<output_root>/calibration/<experiment_name>.json`` and reused by ``beta=auto`` runs and by the recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from qalign_repro.cli import entry_point
+from qalign_repro.methods.base import Chain, RunContext
+from qalign_repro.methods.qalign import QAlign
+from qalign_repro.naming import config_hash
+from qalign_repro.tasks import get_task
+
+
+def calibration_path(cfg: DictConfig) -> Path:
+    return Path(cfg.output_root) / "calibration" / f"{cfg.experiment_name}.json"
+
+
+def pair_acceptance(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarray, beta: float) -> float:
+    log_alpha = delta_r / beta + np.log(len_old) - np.log(len_new)
+    return float(np.mean(np.exp(np.minimum(log_alpha, 0.0))))
+
+
+def beta_for_target(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarray, target: float) -> float:
+    grid = np.exp(np.linspace(math.log(1e-3), math.log(1e3), 241))
+    rates = np.array([pair_acceptance(delta_r, len_old, len_new, b) for b in grid])
+    return float(grid[int(np.argmin(np.abs(rates - target)))])
+
+
+def _calibration_chains(cfg: DictConfig, generator: Any) -> list[Chain]:
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset["n"] = int(cfg.calibrate.prompts)
+    dataset["subset_seed"] = int(cfg.calibrate.subset_seed)
+    if cfg.calibrate.get("split"):
+        dataset["split"] = str(cfg.calibrate.split)
+    task = get_task(dataset)
+    chains = []
+    for idx, doc in enumerate(task.docs()):
+        messages = task.prompt(doc)
+        chains.append(Chain(idx=idx, prompt_id=f"calib:{doc['id']}", prompt_ids=generator.encode_chat(messages),
+                            messages=messages))
+    return chains
+
+
+def _chain_acceptance(ctx: RunContext, chains: list[Chain], steps: int) -> float:
+    method = QAlign({})
+    for c in chains:
+        c.last = None
+    accepted = total = 0
+    for k in range(steps):
+        outs = method.step(ctx, chains, k)
+        for c, o in zip(chains, outs):
+            c.last = o
+        if k > 0:
+            accepted += sum(o["accepted"] for o in outs)
+            total += len(outs)
+    return accepted / max(total, 1)
+
+
+def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
+    target = float(cfg.calibrate.target_acceptance)
+    chains = _calibration_chains(cfg, generator)
+    ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed) + 7919, beta=1.0,
+                     max_new_tokens=int(cfg.max_new_tokens), temperature=1.0, batch_size=int(cfg.batch_size))
+    # stage 1: ancestral states and one proposal each, for several proposal draws
+    method = QAlign({})
+    deltas, l_old, l_new = [], [], []
+    for c in chains:
+        c.last = None
+    first = method.step(ctx, chains, 0)
+    for c, o in zip(chains, first):
+        c.last = o
+    for k in range(1, int(cfg.calibrate.pair_draws) + 1):
+        for o_old, o_new in zip(first, method.step(ctx, chains, k)):
+            deltas.append(o_new["proposal_reward"] - o_old["reward"])
+            l_old.append(len(o_old["completion_ids"]))
+            l_new.append(o_new["proposal_len"])
+    delta_r, len_old, len_new = np.array(deltas), np.array(l_old, float), np.array(l_new, float)
+    beta = beta_for_target(delta_r, len_old, len_new, target)
+    guess = {"beta": beta, "pair_acceptance": pair_acceptance(delta_r, len_old, len_new, beta)}
+
+    # stage 2: measure on real chains; acceptance grows with beta, so bracket and bisect in log beta
+    history = []
+    steps = int(cfg.calibrate.steps)
+    log_b, lo, hi = math.log(beta), None, None
+    for _ in range(int(cfg.calibrate.iterations)):
+        ctx.beta = math.exp(log_b)
+        rate = _chain_acceptance(ctx, chains, steps)
+        history.append({"beta": ctx.beta, "chain_acceptance": rate})
+        if abs(rate - target) <= float(cfg.calibrate.tolerance):
+            break
+        if rate < target:
+            lo = log_b
+            log_b = (log_b + hi) / 2 if hi is not None else log_b + 1.5
+        else:
+            hi = log_b
+            log_b = (log_b + lo) / 2 if lo is not None else log_b - 1.5
+        log_b = min(max(log_b, math.log(1e-4)), math.log(1e4))
+    best = min(history, key=lambda h: abs(h["chain_acceptance"] - target))
+    return {
+        "beta": best["beta"],
+        "target_acceptance": target,
+        "chain_acceptance": best["chain_acceptance"],
+        "pair_guess": guess,
+        "history": history,
+        "prompts": len(chains),
+        "steps": steps,
+        "config_hash": config_hash(cfg),
+        "dataset": str(cfg.dataset.name),
+        "model": str(cfg.model.name),
+        "reward": str(cfg.reward.name),
+    }
+
+
+def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
+    """The stored calibration for this experiment if it matches the models, else a fresh one."""
+    path = calibration_path(cfg)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if (stored.get("model"), stored.get("reward"), stored.get("dataset")) == (
+                str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name)):
+            return stored
+    result = calibrate_beta(cfg, generator, reward)
+    write_calibration(path, result)
+    return result
+
+
+def write_calibration(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+
+
+@entry_point
+def main(cfg: DictConfig) -> None:
+    """Pick β for ``calibrate.target_acceptance`` and write it to results/calibration/<experiment>.json."""
+    from qalign_repro.run import build_backends
+
+    generator, reward = build_backends(cfg)
+    path = calibration_path(cfg)
+    result = calibrate_beta(cfg, generator, reward)
+    write_calibration(path, result)
+    print(f"beta={result['beta']:.4g} (chain acceptance {result['chain_acceptance']:.3f}, "
+          f"target {result['target_acceptance']:.2f}) -> {path}")
+
+
+if __name__ == "__main__":
+    main()

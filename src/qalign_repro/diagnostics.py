@@ -1,0 +1,55 @@
+"""MCMC diagnostics of a stored run: acceptance per chain and overall, mean proposal suffix length, effective
+sample size of the reward trace, and a burn-in estimate. Printed after ``run`` and stored in the run's meta."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qalign_repro.stats import acceptance_rate, effective_sample_size, estimate_burn_in
+from qalign_repro.storage import RunStore
+
+
+def run_diagnostics(store: RunStore) -> dict[str, Any]:
+    accepted, rewards, suffix = [], [], []
+    for inst in store.iter_instances():
+        outs = inst["outputs"]
+        accepted.append([o["accepted"] for o in outs])
+        rewards.append([o["reward"] for o in outs])
+        suffix.append([o["tokens_generated"] for o in outs[1:]])
+    steps = min((len(a) for a in accepted), default=0)
+    if steps == 0:
+        return {"steps": 0}
+    acc = np.array([a[:steps] for a in accepted], dtype=bool)
+    rew = np.array([r[:steps] for r in rewards], dtype=np.float64)
+    per_chain = acceptance_rate(acc)
+    ess = effective_sample_size(rew) if steps >= 4 else np.full(len(rew), np.nan)
+    gen = np.array([s[: steps - 1] for s in suffix], dtype=np.float64)
+    return {
+        "steps": steps,
+        "chains": len(acc),
+        "acceptance_overall": float(acc[:, 1:].mean()) if steps > 1 else None,
+        "acceptance_per_chain": [None if np.isnan(x) else float(x) for x in per_chain],
+        "mean_suffix_tokens": float(gen.mean()) if gen.size else None,
+        "reward_ess_per_chain": [None if np.isnan(x) else float(x) for x in ess],
+        "reward_ess_mean": float(np.nanmean(ess)) if np.isfinite(ess).any() else None,
+        "burn_in_estimate": int(estimate_burn_in(rew)),
+    }
+
+
+def format_diagnostics(d: dict[str, Any]) -> str:
+    if not d.get("steps"):
+        return "  no stored steps"
+    per = [x for x in d["acceptance_per_chain"] if x is not None]
+    lines = [
+        f"  chains {d['chains']} × {d['steps']} states",
+        f"  acceptance overall {d['acceptance_overall']:.3f}" if d["acceptance_overall"] is not None else
+        "  acceptance overall -",
+        f"  acceptance per chain min/median/max {min(per):.2f}/{np.median(per):.2f}/{max(per):.2f}" if per else "",
+        f"  mean proposal suffix {d['mean_suffix_tokens']:.1f} tokens" if d["mean_suffix_tokens"] is not None else "",
+        f"  reward-trace ESS (mean over chains) {d['reward_ess_mean']:.1f}" if d["reward_ess_mean"] is not None
+        else "  reward-trace ESS -",
+        f"  burn-in estimate {d['burn_in_estimate']} states",
+    ]
+    return "\n".join(x for x in lines if x)
