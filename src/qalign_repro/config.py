@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.registry import UnknownNameError
@@ -43,7 +43,23 @@ def _check_name(registry_name: str, name: Any) -> None:
         raise ConfigError(f"{registry_name}={name}: {exc}") from None
 
 
+def _check_method_options(cfg: DictConfig) -> None:
+    """Constructing a method loads no model, and its constructor rejects bad options: do it before a run
+    folder is created."""
+    from qalign_repro.methods import METHODS
+
+    try:
+        METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
+    except (ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"method.{cfg.method.name}: {exc}") from None
+
+
 def validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} must be set (it is ??? in the config); e.g. {missing[0]}=/path/or/hub-id")
     if cfg.beta != "auto":
         beta = _number(cfg, "beta")
         if not math.isfinite(beta) or beta <= 0:
@@ -67,6 +83,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"shard.index={index!r} is invalid; allowed: 0..{count - 1} for shard.count={count}")
 
     _check_name("method", cfg.method.name)
+    _check_method_options(cfg)
     _check_name("dataset", cfg.dataset.name)
     _check_name("backend.generator", cfg.backend.generator)
     _check_name("backend.reward", cfg.backend.reward)

@@ -340,4 +340,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the importable module's main, so Hydra launchers (submitit, ray) pickle the job by reference
+    from qalign_repro.plot import main as _main
+
+    _main()

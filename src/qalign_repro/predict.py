@@ -410,7 +410,8 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
     try:
         metas = [st.meta for st in stores]
         meta = metas[0]
-        if len(names) > 1:  # all shards present, one config (raises ShardError naming what is wrong)
+        if len(names) > 1 or shard_info(names[0], meta).count > 1:
+            # all shards present, one config (raises ShardError naming what is wrong)
             check_group(root, shard_info(names[0], meta).group, names, require_done=False)
         if name is None:
             name = names[0] if len(names) == 1 else shard_info(names[0], meta).group
@@ -535,13 +536,15 @@ def predict_runs(root: str | os.PathLike, names: Iterable[str], opts: PredictOpt
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prediction table and diagnostics table for the given runs (sorted, deterministic). The table's
     ``attrs["members"]`` maps each run in it to the stored runs (shards) it pools."""
-    from qalign_repro.shards import group_runs
+    from qalign_repro.shards import ShardError, group_runs
 
     frames, diags = [], []
     groups = group_runs(root, names)
     for key in sorted(groups):
         try:
             frame, diag = predict_run(root, groups[key], opts, name=key)
+        except ShardError:
+            raise  # a missing shard would silently change the numbers: stop the stage
         except DataError as exc:
             print(f"warning: {exc}; run skipped", file=sys.stderr)
             continue
@@ -626,4 +629,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the importable module's main, so Hydra launchers (submitit, ray) pickle the job by reference
+    from qalign_repro.predict import main as _main
+
+    _main()

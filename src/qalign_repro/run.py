@@ -176,4 +176,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # call the importable module's main, so Hydra launchers (submitit, ray) pickle the job by reference
+    from qalign_repro.run import main as _main
+
+    _main()
