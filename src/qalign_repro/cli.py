@@ -11,17 +11,24 @@ import difflib
 import fnmatch
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qalign_repro.errors import ConfigError, DataError, StorageError
+from qalign_repro.errors import (
+    BackendRequestError,
+    BackendUnavailableError,
+    ConfigError,
+    DataError,
+    StorageError,
+)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "reward", "dataset", "method", "backend", "storage", "experiment")
-_USER_ERRORS = (ConfigError, DataError, StorageError)
+_USER_ERRORS = (ConfigError, DataError, StorageError, BackendUnavailableError, BackendRequestError)
 
 
 def group_options(group: str) -> list[str]:
@@ -114,10 +121,21 @@ def preflight(argv: list[str]) -> None:
         # a sweep value list (beta=0.5,1.0) is not a single config; Hydra validates each job itself
         return
     try:
-        compose_config(_user_overrides(argv))
+        cfg = compose_config(_user_overrides(argv))
+        check_output_root(Path(str(cfg.output_root)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_output_root(root: Path) -> None:
+    """Hydra writes its logs under output_root before our code runs: check it first, in one line."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output_root={root} is not writable ({exc.strerror}); allowed: a writable folder") from None
 
 
 def entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], None]:

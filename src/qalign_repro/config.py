@@ -8,6 +8,7 @@ temperature 1).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -54,6 +55,30 @@ def _check_method_options(cfg: DictConfig) -> None:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"method.{cfg.method.name}: {exc}") from None
+
+
+_SECRET = re.compile(r"(^|_)(api_key|apikey|secret|password|token)$", re.IGNORECASE)
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _walk(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _walk(v, f"{path}[{i}]")]
+    return [(path, node)]
+
+
+def _check_values_everywhere(cfg: DictConfig) -> None:
+    """NaN/inf anywhere would poison a run; a secret in the config would be stored in the run's meta."""
+    for path, value in _walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={value} is not a finite number; allowed: a finite number")
+        key = path.rsplit(".", 1)[-1]
+        if _SECRET.search(key) and value not in (None, "", "???"):
+            raise ConfigError(
+                f"{path} holds a secret in the config, which would be stored with the run; "
+                f"allowed: put it in an environment variable and name it in {key}_env"
+            )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -107,3 +132,4 @@ def validate(cfg: DictConfig) -> None:
             check_run_name(str(cfg.run_name))
         except StorageError as exc:
             raise ConfigError(str(exc)) from None
+    _check_values_everywhere(cfg)

@@ -11,3 +11,11 @@ class DataError(ValueError):
 
 class StorageError(RuntimeError):
     """The run store is locked, corrupted or not writable."""
+
+
+class BackendUnavailableError(ConnectionError):
+    """A model server stayed unreachable after the retry budget (everything stored so far is kept)."""
+
+
+class BackendRequestError(RuntimeError):
+    """A model server answered a request with an error that retrying cannot fix."""

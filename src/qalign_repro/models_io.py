@@ -28,8 +28,19 @@ def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
             raise ConfigError(f"{what}.path={path} has no config.json; allowed: an HF-format model folder")
         if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
             raise ConfigError(f"{what}.path={path} has no weights (*.safetensors or *.bin)")
+        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+            raise ConfigError(f"{what}.path={path} has no tokenizer files (tokenizer.json / tokenizer.model)")
         return str(p)
     return str(path)
+
+
+def load_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with a one-line error for broken folders (truncated weights, no tokenizer)."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{what}.path={path} could not be loaded by {loader.__name__}: {first[:200]}") from None
 
 
 def count_parameters(model: Any) -> int:

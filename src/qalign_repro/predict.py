@@ -32,7 +32,6 @@ import math
 import os
 import sqlite3
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -564,14 +563,10 @@ def predict_runs(root: str | os.PathLike, names: Iterable[str], opts: PredictOpt
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temp file + rename so readers never see half a table."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a fixed temp name: a kill before the rename leaves a file the next run overwrites, not litter
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -56,6 +56,15 @@ def initial_meta(cfg: DictConfig, name: str, task: Any) -> dict[str, Any]:
     }
 
 
+def _check_model_folders(cfg: DictConfig) -> None:
+    from qalign_repro.models_io import resolve_model_path
+
+    for what in ("model", "reward"):
+        node = OmegaConf.to_container(cfg[what], resolve=True)
+        if node.get("path") is not None or node.get("asset"):
+            resolve_model_path(node, what)
+
+
 def shard_docs(docs: list[dict], index: int, count: int) -> list[dict]:
     """Round-robin split, so shards get similar mixes of prompts and sizes differ by at most one."""
     return docs[index::count]
@@ -89,6 +98,7 @@ def execute(cfg: DictConfig) -> RunStore:
     task = get_task(OmegaConf.to_container(cfg.dataset, resolve=True))
     docs = shard_docs(task.docs(), int(cfg.shard.index), int(cfg.shard.count))
     name = run_name(cfg)
+    _check_model_folders(cfg)  # before the store exists: a bad folder leaves no empty run behind
     store = RunStore(cfg.output_root, name, create=True, meta=initial_meta(cfg, name, task))
     with store.lock():
         meta = store.meta
@@ -96,13 +106,15 @@ def execute(cfg: DictConfig) -> RunStore:
             raise StorageError(f"run {name!r} was created with a different config; pick another run_name")
         done = store.steps_done() if store.n_instances() else 0
         if store.n_instances() == len(docs) and done >= cfg.steps:
+            if meta.get("status") != "done":  # killed after its last commit: finish the bookkeeping
+                _finish(cfg, store)
             print(f"run {name}: complete ({done} steps for {len(docs)} prompts); nothing to do")
             return store
         method = METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
         generator, reward = build_backends(cfg)
         _prepare_instances(store, task, docs, generator, int(cfg.max_new_tokens))
         store.update_meta(
-            status="running", steps=int(cfg.steps), data_source=str(cfg.dataset.get("source", "bundled")),
+            status="running", steps=int(cfg.steps), data_source=task.data_source(),
             doc_ids=[d["id"] for d in docs],
             model={"name": str(cfg.model.name), "path": getattr(generator, "path", None), "n_params": generator.n_params},
             reward={"name": str(cfg.reward.name), "path": getattr(reward, "path", None), "n_params": reward.n_params},
@@ -157,16 +169,22 @@ def _loop(cfg: DictConfig, store: RunStore, method: Any, ctx: RunContext, chains
         bar.set_postfix({"step": k, "acc": f"{accepted / total:.2f}" if total else "-",
                          "tok/s": f"{tokens / max(elapsed, 1e-9):.0f}", **method.postfix(outputs)})
     elapsed = time.perf_counter() - t_start
-    store.update_meta(status="done", steps_done=store.steps_done(), wall_time_s=wall0 + elapsed,
-                      time_in_generate_s=ctx.timers["generate"], time_in_reward_s=ctx.timers["reward"],
-                      finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    store.update_meta(wall_time_s=wall0 + elapsed, time_in_generate_s=ctx.timers["generate"],
+                      time_in_reward_s=ctx.timers["reward"])
     print(f"run {name}: {store.steps_done()} steps for {len(chains)} prompts stored in {store.dir}")
+    _finish(cfg, store)
+
+
+def _finish(cfg: DictConfig, store: RunStore) -> None:
+    """Mark the run done (and, for chains, store and print the MCMC diagnostics)."""
+    values: dict[str, Any] = {"status": "done", "steps_done": store.steps_done(),
+                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if cfg.method.name == "qalign":
         from qalign_repro.diagnostics import format_diagnostics, run_diagnostics
 
-        diag = run_diagnostics(store)
-        store.update_meta(diagnostics=diag)
-        print("MCMC diagnostics:\n" + format_diagnostics(diag))
+        values["diagnostics"] = run_diagnostics(store)
+        print("MCMC diagnostics:\n" + format_diagnostics(values["diagnostics"]))
+    store.update_meta(**values)
 
 
 @entry_point

@@ -100,18 +100,27 @@ class SQLiteStorage(Storage):
         """All writes inside commit together or not at all."""
         self._require_write()
         conn = self._conn(exp_id)
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StorageError(f"could not write to the store of {exp_id!r}: {exc}") from None
         try:
             yield conn
+        except sqlite3.OperationalError as exc:  # disk full, I/O error: nothing of this transaction is kept
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError(f"could not write to the store of {exp_id!r}: {exc}; committed steps are kept") from None
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         else:
             try:
                 conn.execute("COMMIT")
             except sqlite3.OperationalError as exc:
-                conn.execute("ROLLBACK")
-                raise StorageError(f"could not commit to the store of {exp_id!r}: {exc}") from None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"could not commit to the store of {exp_id!r}: {exc}; committed steps are kept") from None
 
     def close(self) -> None:
         for conn in self._conns.values():
@@ -285,6 +294,7 @@ class RunStore:
                     f"existing runs: {', '.join(self.storage.keys()) or 'none'}"
                 )
             self.storage.create(name)
+        if create and "meta" not in self.storage.fields(name):  # also after a kill between create and meta
             self.storage.write(name, "meta", meta or {})
         self.exp = Exp.load(storage=self.storage, name=name)
 

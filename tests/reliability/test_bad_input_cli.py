@@ -41,9 +41,6 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="NonFiniteRewardError is a RuntimeError, not one of the entry point's user errors, so the "
-                   "CLI prints a traceback (exit 1); fix in methods/base.py: class NonFiniteRewardError(DataError)")
 def test_rm_nan_via_cli_is_one_line_and_stores_nothing(tmp_path):
     script = tmp_path / "nan_rm_run.py"
     script.write_text(NAN_RM)
@@ -56,11 +53,6 @@ def test_rm_nan_via_cli_is_one_line_and_stores_nothing(tmp_path):
     assert "reward model returned nan" in line and "nothing was stored" in line
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Hydra creates hydra.run.dir=${output_root}/hydra/... before our code runs and fails with "
-                   "a multi-line traceback; fix in cli.preflight, after compose_config: Path(cfg.output_root)."
-                   "mkdir(parents=True, exist_ok=True) inside try/except OSError -> print(f'error: output_root="
-                   "{cfg.output_root} is not writable ({exc.strerror}); allowed: a writable folder'), exit 2")
 def test_output_root_not_writable_via_cli(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -39,11 +39,6 @@ def test_store_left_by_a_kill_during_creation_is_flagged_by_fsck(tmp_path, prelo
     assert [p.code for p in check_store(root, name)] == ["meta"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a kill between creating the store file and committing its meta (or a meta that fails to "
-                   "serialise) leaves a store without meta; every rerun then dies with KeyError 'meta'. Fix in "
-                   "storage.RunStore.__init__, after the create branch: if create and 'meta' not in "
-                   "self.storage.fields(name): self.storage.write(name, 'meta', meta or {})")
 def test_kill_during_store_creation_then_rerun_completes(tmp_path, reference, board):
     root = tmp_path / "root"
     cfg = toy_config(root, *ARGS)
@@ -54,11 +49,6 @@ def test_kill_during_store_creation_then_rerun_completes(tmp_path, reference, bo
     assert dump_store(root, name)["outputs"] == reference["outputs"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="after a kill between the last step's commit and the final meta update, the rerun says "
-                   "'nothing to do' and meta keeps status=running (predict then warns 'not finished' forever) and "
-                   "lacks diagnostics; fix in run.execute's early return: if meta.get('status') != 'done': "
-                   "store.update_meta(status='done', steps_done=done) (and the qalign diagnostics)")
 def test_kill_after_the_last_step_then_rerun_finalises_meta(tmp_path, reference, board):
     root = tmp_path / "root"
     cfg = toy_config(root, *ARGS)

@@ -124,9 +124,6 @@ def test_predict_killed_anywhere_writes_the_same_tables(tmp_path, evaluated_run,
     assert _tables(root) == reference
 
 
-@pytest.mark.xfail(strict=True, reason="predict._atomic_write leaves its mkstemp temp file behind when killed "
-                   "between write and rename; fix: write to a fixed name path.with_name(f'.{path.name}.tmp') "
-                   "(truncated on reuse) instead of tempfile.mkstemp, so a rerun overwrites and renames it")
 def test_predict_rerun_leaves_no_temp_files(tmp_path, evaluated_run, board):
     root = copy_root(evaluated_run, tmp_path / "root")
     assert run_forked(_predict(root), Fault("replace", "", 2), board=board, log=tmp_path / "p.log").killed

@@ -15,7 +15,13 @@ import torch
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import GENERATORS, Completion
-from qalign_repro.models_io import count_parameters, pick_device, resolve_model_path, torch_dtype
+from qalign_repro.models_io import (
+    count_parameters,
+    load_pretrained,
+    pick_device,
+    resolve_model_path,
+    torch_dtype,
+)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -38,9 +44,9 @@ class HFGenerator:
         self.path = resolve_model_path(model_cfg, "model")
         self.device = pick_device(str(backend_cfg.get("device", "auto")))
         trust = bool(model_cfg.get("trust_remote_code", False))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=torch_dtype(str(model_cfg.get("dtype", "float32"))), trust_remote_code=trust
+        self.tokenizer = load_pretrained(AutoTokenizer, self.path, "model", trust_remote_code=trust)
+        self.model = load_pretrained(
+            AutoModelForCausalLM, self.path, "model", dtype=torch_dtype(str(model_cfg.get("dtype", "float32"))), trust_remote_code=trust
         ).to(self.device)
         self.model.eval()
         self.n_params = count_parameters(self.model)

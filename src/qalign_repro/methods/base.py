@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from qalign_repro.errors import DataError
 from qalign_repro.lm.base import Completion, Generator
 from qalign_repro.registry import Registry
 from qalign_repro.rm.base import RewardModel
@@ -41,7 +42,7 @@ def derive_seed(seed: int, prompt_id: str, step: int, purpose: int = PURPOSE_GEN
     return int(derive_rng(seed, prompt_id, step, purpose).integers(0, 2**63 - 1))
 
 
-class NonFiniteRewardError(RuntimeError):
+class NonFiniteRewardError(DataError):
     """The reward model returned NaN/inf: never accepted silently."""
 
 
@@ -88,6 +89,12 @@ class RunContext:
                                              seeds[s:s + self.batch_size], temperature=self.temperature,
                                              **kwargs))
         self.timers["generate"] += time.perf_counter() - t0
+        empty = [j for j, c in enumerate(out) if not c.token_ids]
+        if empty:
+            raise DataError(
+                f"the generator returned an empty completion (no tokens, not even EOS) for {len(empty)} request(s); "
+                "nothing was stored for this step; check the backend (a server that drops tokens?) and rerun"
+            )
         return out
 
     def score(self, messages: list[list[dict[str, str]]], texts: list[str]) -> tuple[np.ndarray, list[int]]:

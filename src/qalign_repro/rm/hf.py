@@ -10,7 +10,13 @@ import torch
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.hf import render_chat
-from qalign_repro.models_io import count_parameters, pick_device, resolve_model_path, torch_dtype
+from qalign_repro.models_io import (
+    count_parameters,
+    load_pretrained,
+    pick_device,
+    resolve_model_path,
+    torch_dtype,
+)
 from qalign_repro.rm.base import REWARDS, Scores
 
 
@@ -29,9 +35,9 @@ class HFReward:
         self.path = resolve_model_path(reward_cfg, "reward")
         self.device = pick_device(str(backend_cfg.get("device", "auto")))
         trust = bool(reward_cfg.get("trust_remote_code", False))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.path, dtype=torch_dtype(str(reward_cfg.get("dtype", "float32"))), trust_remote_code=trust
+        self.tokenizer = load_pretrained(AutoTokenizer, self.path, "reward", trust_remote_code=trust)
+        self.model = load_pretrained(
+            AutoModelForSequenceClassification, self.path, "reward", dtype=torch_dtype(str(reward_cfg.get("dtype", "float32"))), trust_remote_code=trust
         ).to(self.device)
         self.model.eval()
         if self.model.config.num_labels != 1:

@@ -10,8 +10,9 @@ import re
 from decimal import Decimal, InvalidOperation
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+"
+#: "The answer is 182 * 2 = 364." -> the last number of the sentence that states the answer
+_ANSWER_IS = re.compile(r"answer is[:\s]*(.*?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
 _STRICT = [
-    re.compile(r"answer is[:\s]*\$?\s*\**\s*(" + _NUM + ")", re.IGNORECASE),
     re.compile(r"####\s*(" + _NUM + ")"),
     re.compile(r"\\boxed\{\s*(" + _NUM + r")\s*\}"),
 ]
@@ -33,6 +34,9 @@ def normalize_number(raw: str) -> str | None:
 
 
 def extract_final_number(text: str, strict: bool = False) -> str | None:
+    stated = [m for m in _ANSWER_IS.findall(text) if _ANY.search(m)]
+    if stated:
+        return normalize_number(_ANY.findall(stated[-1])[-1])
     for pattern in _STRICT:
         matches = pattern.findall(text)
         if matches:

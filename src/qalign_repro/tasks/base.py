@@ -32,17 +32,26 @@ def bundled_data_path(*parts: str) -> Path:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file; a bad line is reported with file and line number."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; allowed: a JSONL file")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text; allowed: UTF-8 JSONL") from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: a JSON {type(row).__name__} where an object was expected")
+            rows.append(row)
     if not rows:
         raise DataError(f"data file {str(path)!r} is empty")
     return rows
@@ -108,6 +117,10 @@ class Task(ABC):
 
     def same(self, answer: str, gold: str) -> bool:
         return answer == gold
+
+    def data_source(self) -> dict[str, Any]:
+        """What the docs were read from (file + checksum, hub id, generator settings), for the run's meta."""
+        return {"source": str(self.cfg.get("source", "bundled"))}
 
     def oracle_completion(self, doc: Doc) -> str:
         """A completion in the prompt's answer format that carries the gold answer (gold-sanity checks)."""
