@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from _helpers import REPO, run_module
 from badkit import assert_unchanged, snapshot, toy
 from crashkit import dump_store, run_names
