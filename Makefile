@@ -29,6 +29,14 @@ demo: install
 	$(PY) -m qalign_repro.predict experiment=tiny runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.plot experiment=tiny runs=all $(OVERRIDES)
 
+# The paper's task-specific experiment in miniature (Fig. 2 style figure + table under results/).
+reproduce-tiny: install
+	$(PY) -m qalign_repro.run experiment=tiny_repro method=ancestral $(OVERRIDES)
+	$(PY) -m qalign_repro.run experiment=tiny_repro method=qalign $(OVERRIDES)
+	$(PY) -m qalign_repro.evaluate experiment=tiny_repro runs=all $(OVERRIDES)
+	$(PY) -m qalign_repro.predict experiment=tiny_repro runs=all $(OVERRIDES)
+	$(PY) -m qalign_repro.plot experiment=tiny_repro runs=all $(OVERRIDES)
+
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
