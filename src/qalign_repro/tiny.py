@@ -57,6 +57,7 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["padding_side"] = "left"  # batched generation with a causal LM needs left padding
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 

@@ -1,0 +1,169 @@
+"""scripts/train_tiny.py: a tiny-budget run yields loadable HF models, deterministically; its sampler and its
+Bradley–Terry fit do what they claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_tiny.py"
+SMALL = [
+    "--steps", "6", "--batch", "8", "--hidden", "32", "--layers", "1", "--heads", "2",
+    "--rm-prompts", "20", "--rm-samples", "3", "--rm-batch", "4", "--rm-fit-eval", "4",
+    "--test-n", "12", "--diag-prompts", "4", "--diag-k", "4", "--max-new-tokens", "40",
+    "--log-every", "3", "--eval-every", "3", "--eval-n", "4",
+]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tt():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_run_produces_loadable_hf_models(run_dir):
+    out = run_dir
+    tok = AutoTokenizer.from_pretrained(out / "tiny-lm")
+    lm = AutoModelForCausalLM.from_pretrained(out / "tiny-lm")
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "tiny-rm")
+    assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.hidden_size == 32
+    assert type(rm).__name__ == "LlamaForSequenceClassification"
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
+    tok_cfg = json.loads((out / "tiny-lm" / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # the shipped policy's generate() defaults are pure sampling (QAlign's proposal must be the model)
+    gc = lm.generation_config
+    assert (gc.do_sample, gc.temperature, gc.top_k, gc.top_p) == (True, 1.0, 0, 1.0)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Ann has 3 pens."},
+                                    {"role": "assistant", "content": "The answer is 3."}], tokenize=False)
+    ids = torch.tensor([tok(chat, add_special_tokens=False).input_ids])
+    assert ids[0, -1].item() == tok.eos_token_id
+    with torch.no_grad():
+        assert rm(input_ids=ids).logits.shape == (1, 1)
+        assert lm(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+    for kind in ("tiny-lm", "tiny-rm"):
+        metrics = json.loads((out / kind / "metrics.json").read_text())
+        assert metrics["lm"]["test"]["n"] == 12 and 0.0 <= metrics["lm"]["test"]["accuracy"] <= 1.0
+        assert metrics["settings"]["steps"] == 6 and metrics["wall_s"]["total"] > 0
+        assert [c["step"] for c in metrics["lm"]["val_curve"]] == [3, 6]
+        card = (out / kind / "README.md").read_text()
+        assert "seed 0" in card and "pairwise accuracy" in card
+
+
+def test_lm_training_is_deterministic(tt, tmp_path):
+    from qalign_repro.tasks.arith import Arith
+    from qalign_repro.tiny import build_tokenizer
+
+    args = tt.parse_args(["--out", str(tmp_path), *SMALL, "--eval-every", "0"])
+    task = Arith(yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text()))
+    tok = build_tokenizer()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)  # must not matter: the script seeds itself
+        lm, info = tt.train_lm(args, tok, tt.Encoder(tok), task)
+        runs.append((lm.state_dict(), info["train_tokens"]))
+    (a, tokens_a), (b, tokens_b) = runs
+    assert tokens_a == tokens_b > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    args.seed = 1
+    other, _ = tt.train_lm(args, tok, tt.Encoder(tok), task)
+    assert not torch.equal(other.state_dict()["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+
+
+def test_lm_from_reproduces_the_one_shot_run(run_dir, tmp_path):
+    """Redoing only the RM stage from a saved LM gives the one-shot run's RM and figures exactly (which also
+    shows the RM stage is deterministic)."""
+    a = run_dir
+    flags = [f for f in SMALL if f not in ("--steps", "6")]  # the LM flags must come from the saved run
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--lm-from", str(a / "tiny-lm"),
+                           "--steps", "99", *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wa, wc = load_file(a / "tiny-rm" / "model.safetensors"), load_file(tmp_path / "tiny-rm" / "model.safetensors")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    ma = json.loads((a / "tiny-rm" / "metrics.json").read_text())
+    mc = json.loads((tmp_path / "tiny-rm" / "metrics.json").read_text())
+    assert mc["settings"]["steps"] == 6 and mc["lm_argv"] == ma["argv"]
+    assert (mc["lm"], mc["rm"]["heldout"]) == (ma["lm"], ma["rm"]["heldout"])
+    assert "--lm-from" in (tmp_path / "tiny-lm" / "README.md").read_text()
+
+
+def test_sampler_logprobs_match_an_unpadded_forward(tt):
+    """The KV-cached, left-padded sampler must see exactly what one full forward of prompt + sample sees."""
+    from qalign_repro.tiny import build_tokenizer, llama_config
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    lm = tt.LlamaForCausalLM(llama_config(tok, hidden=32, layers=2, heads=2)).eval()
+    prompts = [tok("<|user|>Ann has 3 pens.<|assistant|>").input_ids, tok("<|user|>Hi<|assistant|>").input_ids]
+    g = torch.Generator().manual_seed(1)
+    res = tt.sample(lm, prompts, max_new=20, eos=tok.eos_token_id, pad=tok.pad_token_id, generator=g)
+    assert len(res) == 2
+    for prompt, (ids, stopped, lps) in zip(prompts, res):
+        seq = prompt + ids + ([tok.eos_token_id] if stopped else [])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+        ref = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(seq[len(prompt) :])]
+        assert len(ref) == len(lps) > 0
+        assert ref == pytest.approx(lps, abs=1e-4)
+
+
+def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(tt):
+    """BT training must rank the preferred side first (a sign or pairing bug would push this towards 0).
+
+    The rejected side is the gold chain cut before its final sentence, which a 1-layer RM can tell apart in a
+    few steps; whether an RM can check arithmetic is the shipped model's test, not this one."""
+    from qalign_repro.tasks.arith import Arith
+    from qalign_repro.tiny import build_tokenizer
+
+    cfg = yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text())
+    task = Arith(cfg)
+    docs = task.load_split("rm_train", 96)
+    pairs = [(i, task.solution(d), task.solution(d).split(" The answer")[0]) for i, d in enumerate(docs)]
+    tok = build_tokenizer()
+    enc = tt.Encoder(tok)
+    args = Namespace(seed=0, hidden=32, layers=1, heads=2, context=512, rm_init="scratch", rm_lr=3e-3,
+                     rm_batch=16, rm_epochs=4, bf16=False, log_every=1000)
+    torch.manual_seed(0)
+    rm = tt.fit_rm(args, tok, enc, task, None, docs, pairs)
+    rows = [[{"text": good, "correct": True}, {"text": bad, "correct": False}] for _, good, bad in pairs]
+    acc = tt.pairwise_accuracy(rm, enc, task, docs, rows)
+    assert acc["n_pairs"] == 96 and acc["n_prompts"] == 96
+    assert acc["pairwise_accuracy"] >= 0.9
+
+
+def test_make_pairs_uses_only_prompts_with_both_outcomes(tt):
+    import random
+
+    rows = [
+        [{"text": "a", "correct": True}, {"text": "b", "correct": False}, {"text": "c", "correct": False}],
+        [{"text": "d", "correct": True}, {"text": "d", "correct": True}],
+        [{"text": "e", "correct": False}],
+    ]
+    pairs = tt.make_pairs(rows, 2, random.Random(0))
+    assert sorted(pairs) == [(0, "a", "b"), (0, "a", "c")]
