@@ -214,8 +214,8 @@ def test_shards_of_a_run_are_pooled(tmp_path):
     write_tables(sharded, pd.DataFrame(), tmp_path / "pred", tmp_path)
     for k in range(3):
         assert set(pd.read_csv(tmp_path / "runs" / f"grp.shard{k}of3" / "predictions.csv")["run"]) == {"grp"}
-    # a missing shard is refused, naming it, and the run is skipped
-    with pytest.raises(DataError, match="none of the selected runs"):
+    # a missing shard stops the stage, naming it (skipping would silently change the numbers)
+    with pytest.raises(DataError, match=r"missing shard\(s\): grp.shard1of3"):
         predict_runs(tmp_path, ["grp.shard0of3", "grp.shard2of3"], opts)
 
 
