@@ -526,9 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = ap.add_argument_group("LM")
     g.add_argument("--hidden", type=int, default=192)
     g.add_argument("--layers", type=int, default=3)
-    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--heads", type=int, default=3, help="192/3 = head size 64, which vLLM's CPU attention supports")
     g.add_argument("--context", type=int, default=512)
-    g.add_argument("--steps", type=int, default=750)
+    g.add_argument("--steps", type=int, default=1200)
     g.add_argument("--batch", type=int, default=32)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=50)
@@ -551,12 +551,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--test-n", type=int, default=500, help="test prompts for the LM accuracy (one sample each)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--gen-batch", type=int, default=128)
-    g.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N LM steps (0 = off)")
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="validation accuracy every N LM steps (0 = off; it does not change the weights)")
     g.add_argument("--eval-n", type=int, default=200)
     g.add_argument("--diag-prompts", type=int, default=200, help="test prompts for the BoN/MV diagnostic (0 = off)")
     g.add_argument("--diag-k", type=int, default=16)
     g.add_argument("--log-every", type=int, default=25)
     return ap.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -573,6 +578,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lm, lm_info, prev = reuse_lm(args, task)
     else:
         lm, lm_info, prev = *train_lm(args, tok, enc, task), None
+        # save the LM at once (card and figures follow at the end): a run stopped later resumes with --lm-from
+        early = {"argv": list(sys.argv[1:] if argv is None else argv), "settings": _settings(args),
+                 "dataset": task.settings, "lm": lm_info, "wall_s": {"lm_train": round(time.time() - t_start, 1)}}
+        save(lm, tok, args.out / "tiny-lm", "# tiny-lm (RM stage and measurements not finished)\n", early)
     t_lm, cpu_lm = time.time(), time.process_time()
     rm, rm_info = train_rm(args, tok, enc, task, lm)
     rm_info["n_params"] = sum(p.numel() for p in rm.parameters())
@@ -596,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "argv": list(sys.argv[1:] if argv is None else argv),
         "lm_argv": prev["argv"] if prev else None,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": _settings(args),
         "dataset": task.settings,
         "vocab_size": len(tok),
         "lm": lm_info,
