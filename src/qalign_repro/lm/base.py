@@ -36,6 +36,20 @@ class Completion:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_budget(prompts: list[list[int]], max_tokens: list[int], max_context: int) -> None:
+    """Every backend refuses a request that cannot fit the context, before sending anything."""
+    from qalign_repro.errors import ConfigError
+
+    for p, m in zip(prompts, max_tokens):
+        if m < 1:
+            raise ValueError(f"max_tokens={m} must be >= 1")
+        if len(p) + m > max_context:
+            raise ConfigError(
+                f"prompt of {len(p)} tokens + {m} new tokens exceeds the model context ({max_context}); "
+                "allowed: a shorter prompt or a smaller max_new_tokens"
+            )
+
+
 @runtime_checkable
 class Generator(Protocol):
     name: str

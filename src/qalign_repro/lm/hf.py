@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from qalign_repro.errors import ConfigError
-from qalign_repro.lm.base import GENERATORS, Completion
+from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.models_io import (
     count_parameters,
     load_pretrained,
@@ -80,14 +80,7 @@ class HFGenerator:
 
         if not prompts:
             return []
-        for p, m in zip(prompts, max_tokens):
-            if m < 1:
-                raise ValueError(f"max_tokens={m} must be >= 1")
-            if len(p) + m > self.max_context:
-                raise ConfigError(
-                    f"prompt of {len(p)} tokens + {m} new tokens exceeds the model context ({self.max_context}); "
-                    "allowed: a shorter prompt or a smaller max_new_tokens"
-                )
+        check_budget(prompts, max_tokens, self.max_context)
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)

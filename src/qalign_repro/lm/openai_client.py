@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qalign_repro.errors import BackendRequestError, BackendUnavailableError, ConfigError  # noqa: F401 (re-exported)
-from qalign_repro.lm.base import GENERATORS, Completion
+from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.lm.hf import render_chat
 from qalign_repro.lm.vllm_engine import eos_ids, load_tokenizer, model_config, params_of, topk_entropy
 from qalign_repro.models_io import resolve_model_path
@@ -255,14 +255,7 @@ class OpenAIGenerator:
     ) -> list[Completion]:
         if not prompts:
             return []
-        for p, m in zip(prompts, max_tokens):
-            if m < 1:
-                raise ValueError(f"max_tokens={m} must be >= 1")
-            if len(p) + m > self.max_context:
-                raise ConfigError(
-                    f"prompt of {len(p)} tokens + {m} new tokens exceeds the model context ({self.max_context}); "
-                    "allowed: a shorter prompt or a smaller max_new_tokens"
-                )
+        check_budget(prompts, max_tokens, self.max_context)
         logprobs = self.entropy_top_k if return_entropies else (0 if self.return_logprobs else None)
         if return_entropies and self.entropy_top_k == -1:
             raise ConfigError("backend.entropy_top_k=-1 (whole vocabulary) is not available through the "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign_repro.errors import ConfigError
-from qalign_repro.lm.base import GENERATORS, Completion
+from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.lm.hf import render_chat
 from qalign_repro.models_io import resolve_model_path
 
@@ -255,14 +255,7 @@ class VLLMGenerator:
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def check_budget(self, prompts: list[list[int]], max_tokens: list[int]) -> None:
-        for p, m in zip(prompts, max_tokens):
-            if m < 1:
-                raise ValueError(f"max_tokens={m} must be >= 1")
-            if len(p) + m > self.max_context:
-                raise ConfigError(
-                    f"prompt of {len(p)} tokens + {m} new tokens exceeds the model context ({self.max_context}); "
-                    "allowed: a shorter prompt or a smaller max_new_tokens"
-                )
+        check_budget(prompts, max_tokens, self.max_context)
 
     def sample(
         self,
