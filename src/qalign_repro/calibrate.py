@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,20 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
             log_b = (log_b + lo) / 2 if lo is not None else log_b - 1.5
         log_b = min(max(log_b, math.log(1e-4)), math.log(1e4))
     best = min(history, key=lambda h: abs(h["chain_acceptance"] - target))
+    # A proposal that reproduces the current completion (same reward, same length) is accepted at every beta,
+    # so acceptance cannot fall below their share: with a very peaked LM the target may be out of reach.
+    identical = float(np.mean((delta_r == 0) & (len_old == len_new))) if len(delta_r) else 0.0
+    reachable = abs(best["chain_acceptance"] - target) <= float(cfg.calibrate.tolerance)
+    if not reachable:
+        print(f"beta=auto: target acceptance {target:.2f} is out of reach: {identical:.0%} of the proposals "
+              f"reproduce the current completion (always accepted); closest: beta={best['beta']:.3g} with "
+              f"acceptance {best['chain_acceptance']:.3f}", file=sys.stderr)
     return {
         "beta": best["beta"],
         "target_acceptance": target,
         "chain_acceptance": best["chain_acceptance"],
+        "reached": reachable,
+        "identical_proposal_rate": identical,
         "pair_guess": guess,
         "history": history,
         "prompts": len(chains),

@@ -27,9 +27,11 @@ def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
         if not (p / "config.json").is_file():
             raise ConfigError(f"{what}.path={path} has no config.json; allowed: an HF-format model folder")
         if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-            raise ConfigError(f"{what}.path={path} has no weights (*.safetensors or *.bin)")
+            raise ConfigError(f"{what}.path={path} has no weights (*.safetensors or *.bin); "
+                              "allowed: an HF-format model folder with its weights")
         if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-            raise ConfigError(f"{what}.path={path} has no tokenizer files (tokenizer.json / tokenizer.model)")
+            raise ConfigError(f"{what}.path={path} has no tokenizer files (tokenizer.json / "
+                              "tokenizer.model); allowed: an HF-format model folder with its tokenizer")
         return str(p)
     return str(path)
 

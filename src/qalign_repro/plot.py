@@ -284,6 +284,55 @@ def format_table1(wide: pd.DataFrame, n_star: int | None, metric: str, decimals:
     return md, tex
 
 
+# -- equal-FLOPs table -------------------------------------------------------------------------------------------
+def equal_flops_table(df: pd.DataFrame, slack: float = 0.05) -> pd.DataFrame:
+    """Per dataset, every series at the same compute: the budget F* is the smallest of the series' largest
+    FLOPs (so every series reaches it), and each series contributes its point with the most FLOPs not above F*.
+
+    This is the paper's comparison axis. Table 1 compares at equal n, which is unfair once methods differ in
+    the cost of one output (a CARDS sample costs several LM and RM calls, a QAlign step about half a sample).
+    A series whose cheapest point already costs more than F* gets an empty row, not a point past the budget.
+    ``slack``: points up to this fraction over F* count as equal compute (BoN at n/2 costs a few percent more
+    than MV at n with an RM of the policy's size, because the RM reads the prompt as well).
+    """
+    rows = []
+    for ds, g in _positive_flops(df).groupby("dataset", sort=True):
+        f_star = float(g.groupby("series")["flops"].max().min())
+        for series in [s for s in series_order(g) if s in set(g["series"])]:
+            under = g[(g["series"] == series) & (g["flops"] <= f_star * (1 + slack))]
+            row: dict[str, Any] = {"dataset": ds, "Method": series, "budget_flops": f_star}
+            if not under.empty:
+                best = under.sort_values(["flops", "n"]).iloc[-1]
+                row.update(n=int(best["n"]), flops=float(best["flops"]), y=float(best["y"]),
+                           y_low=float(best["y_low"]), y_high=float(best["y_high"]))
+            rows.append(row)
+    cols = ["dataset", "Method", "budget_flops", "n", "flops", "y", "y_low", "y_high"]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def format_equal_flops(table: pd.DataFrame, metric: str, decimals: int = 1) -> str:
+    """Markdown: one section per dataset, the metric in percent with its 95 % CI, best value in bold."""
+    what = "Accuracy" if metric == "accuracy" else "Error rate"
+    parts = []
+    for ds, g in table.groupby("dataset", sort=True):
+        shown = (g["y"] * 100).round(decimals)
+        best = shown.max() if metric == "accuracy" else shown.min()
+        cells = []
+        for (_, r), v in zip(g.iterrows(), shown):
+            if pd.isna(r["y"]):
+                cells.append({"Method": r["Method"], "n": "–", "FLOPs / prompt": "–", f"{what} (%)": "–",
+                              "95% CI": "–"})
+                continue
+            val = f"{v:.{decimals}f}"
+            cells.append({"Method": r["Method"], "n": int(r["n"]), "FLOPs / prompt": f"{r['flops']:.3g}",
+                          f"{what} (%)": f"**{val}**" if v == best else val,
+                          "95% CI": f"[{r['y_low'] * 100:.{decimals}f}, {r['y_high'] * 100:.{decimals}f}]"})
+        budget = float(g["budget_flops"].iloc[0])
+        parts.append(f"### {ds}: {what.lower()} at equal compute (≤ {budget:.3g} FLOPs per prompt)\n\n"
+                     + pd.DataFrame(cells).to_markdown(index=False) + "\n")
+    return "\n".join(parts)
+
+
 # -- the stage ---------------------------------------------------------------------------------------------------
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "dataset"
@@ -311,7 +360,8 @@ def make_plots(table: pd.DataFrame, fig_dir: Path, table_dir: Path, metric: str 
     wide, n_star = table1(df, metric)
     md, tex = format_table1(wide, n_star, metric)
     table_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("table1.md", md), ("table1.tex", tex)):
+    equal = format_equal_flops(equal_flops_table(df), metric)
+    for name, text in (("table1.md", md), ("table1.tex", tex), ("equal_flops.md", equal)):
         (table_dir / name).write_text(text, encoding="utf-8")
         paths.append(table_dir / name)
     return paths

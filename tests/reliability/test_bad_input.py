@@ -109,10 +109,9 @@ CASES = [
     Case("data-not-utf8", GSM, r"/data\.jsonl:3: not UTF-8 text", data=GOOD_ROWS.encode() + b"\xff\xfe\n"),
     Case("data-line-not-object", GSM, r"/data\.jsonl:3: .*object", data=GOOD_ROWS + "42\n"),
     Case("data-path-is-folder", GSM, r"data file '.*' is a folder", extra=["+dataset.path=FOLDER"]),
-    Case("data-path-on-generated-task", ["dataset=arith"], r"dataset.path.*arith", data=GOOD_ROWS,
-         xfail="arith generates its problems and silently ignores +dataset.path; fix in Arith.__init__: "
-               "if self.cfg.get('path'): raise ConfigError('dataset.path is not used by arith (its problems are "
-               "generated); allowed: the generator knobs seed/num_ops/..., or a task that reads files')"),
+    Case("data-path-on-generated-task", ["dataset=arith"], r"dataset.path=.* is not used by arith", data=GOOD_ROWS),
+    Case("hub-source-on-generated-task", ["dataset=arith", "dataset.source=hub"],
+         r"dataset.source='hub'; allowed: generated"),
     # -- later stages ---------------------------------------------------------------------------------------
     Case("evaluate-no-such-run", ["seed=9"], r"no run '.*' under .* run `python -m qalign_repro.run` with them first",
          stage="evaluate"),

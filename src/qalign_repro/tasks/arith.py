@@ -115,6 +115,11 @@ _NAMES = (
 
 def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Config merged over DEFAULTS, validated (a bad knob is a one-line ConfigError)."""
+    if cfg.get("path"):
+        raise ConfigError(f"dataset.path={cfg['path']} is not used by arith (its problems are generated); allowed: "
+                          "the generator knobs (seed, num_ops, operand ranges, ...) or a dataset that reads files")
+    if cfg.get("source") not in (None, "generated"):
+        raise ConfigError(f"dataset.source={cfg['source']!r}; allowed: generated (arith has no files or hub id)")
     s = {**DEFAULTS, **{k: v for k, v in cfg.items() if k in DEFAULTS}}
     s["sizes"] = {**DEFAULTS["sizes"], **dict(cfg.get("sizes") or {})}
     s["ops"] = list(s["ops"])
