@@ -58,3 +58,28 @@ def test_more_steps_extends_the_same_chains(tmp_path, reference):
 def test_seed_changes_data(tmp_path, reference):
     run_module("run", *_args(tmp_path, "qalign"), "seed=1")
     assert stored_data(tmp_path) != reference
+
+
+def test_other_weights_behind_the_same_path_are_refused(tmp_path):
+    """Replacing the weights in a model folder keeps the run name (it hashes the config, not the weights): a
+    finished run must not answer "nothing to do" for them, nor a resumed one mix two models."""
+    import shutil
+
+    from qalign_repro.cli import compose_config
+    from qalign_repro.errors import StorageError
+    from qalign_repro.run import execute
+    from qalign_repro.tiny import assets_dir
+
+    rm_dir = tmp_path / "rm"
+    shutil.copytree(assets_dir("tiny-rm"), rm_dir)
+    cfg = compose_config([f"reward.path={rm_dir}", f"output_root={tmp_path / 'out'}", "dataset.n=2", "steps=2",
+                          "max_new_tokens=24", "progress=false", "method=ancestral"])
+    store = execute(cfg)
+    assert set(store.meta["weights"]) == {"model", "reward"} and store.meta["weights"]["reward"]
+    assert execute(cfg).steps_done() == 2  # same weights: nothing to do
+    weights = rm_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match=r"other weights behind reward.path .*allowed: the same weights"):
+        execute(cfg)

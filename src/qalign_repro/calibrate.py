@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from qalign_repro.cli import entry_point
 from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.qalign import QAlign
+from qalign_repro.models_io import model_fingerprints
 from qalign_repro.naming import config_hash
 from qalign_repro.tasks import get_task
 
@@ -142,12 +143,13 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
 def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
     """The stored calibration for this experiment if it matches the models, else a fresh one."""
     path = calibration_path(cfg)
+    prints = model_fingerprints(cfg)
     if path.is_file():
         stored = json.loads(path.read_text())
-        if (stored.get("model"), stored.get("reward"), stored.get("dataset")) == (
-                str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name)):
+        if (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights", prints)) == (
+                str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints):
             return stored
-    result = calibrate_beta(cfg, generator, reward)
+    result = {**calibrate_beta(cfg, generator, reward), "weights": prints}
     write_calibration(path, result)
     return result
 
@@ -166,7 +168,7 @@ def main(cfg: DictConfig) -> None:
 
     generator, reward = build_backends(cfg)
     path = calibration_path(cfg)
-    result = calibrate_beta(cfg, generator, reward)
+    result = {**calibrate_beta(cfg, generator, reward), "weights": model_fingerprints(cfg)}
     write_calibration(path, result)
     print(f"beta={result['beta']:.4g} (chain acceptance {result['chain_acceptance']:.3f}, "
           f"target {result['target_acceptance']:.2f}) -> {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,43 @@ def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
                               "tokenizer.model); allowed: an HF-format model folder with its tokenizer")
         return str(p)
     return str(path)
+
+
+def weights_fingerprint(folder: str | Path, edge_bytes: int = 1 << 20) -> str | None:
+    """A short hash of a local model folder's config.json and weight files (name, size, first and last MiB of
+    each), cheap even for multi-GB checkpoints; None for a hub id. A run stores it so that resuming (or finding
+    "nothing to do") with other weights behind the same path is refused instead of silently mixing models."""
+    p = Path(folder)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    files = [p / "config.json", *sorted(p.glob("*.safetensors")), *sorted(p.glob("*.bin"))]
+    for f in files:
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(edge_bytes))
+            if size > 2 * edge_bytes:
+                fh.seek(size - edge_bytes)
+                h.update(fh.read(edge_bytes))
+            elif size > edge_bytes:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprints(cfg: Any) -> dict[str, str | None]:
+    """Validate the configured model and reward folders and return their weight fingerprints (None for a hub id
+    or a built-in toy model)."""
+    from omegaconf import OmegaConf
+
+    prints: dict[str, str | None] = {"model": None, "reward": None}
+    for what in prints:
+        node = OmegaConf.to_container(cfg[what], resolve=True)
+        if node.get("path") is not None or node.get("asset"):
+            prints[what] = weights_fingerprint(resolve_model_path(node, what))
+    return prints
 
 
 def load_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:

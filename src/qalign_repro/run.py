@@ -17,6 +17,7 @@ from qalign_repro.cli import entry_point
 from qalign_repro.errors import ConfigError, StorageError
 from qalign_repro.methods import METHODS
 from qalign_repro.methods.base import Chain, RunContext
+from qalign_repro.models_io import model_fingerprints
 from qalign_repro.naming import config_hash, group_name, run_name
 from qalign_repro.provenance import environment_info
 from qalign_repro.storage import RunStore
@@ -56,13 +57,16 @@ def initial_meta(cfg: DictConfig, name: str, task: Any) -> dict[str, Any]:
     }
 
 
-def _check_model_folders(cfg: DictConfig) -> None:
-    from qalign_repro.models_io import resolve_model_path
-
-    for what in ("model", "reward"):
-        node = OmegaConf.to_container(cfg[what], resolve=True)
-        if node.get("path") is not None or node.get("asset"):
-            resolve_model_path(node, what)
+def _check_same_weights(store: RunStore, name: str, prints: dict[str, str | None]) -> None:
+    stored = store.meta.get("weights")
+    if stored is None:  # a run from before fingerprints: adopt the current ones
+        store.update_meta(weights=prints)
+        return
+    for what, now in prints.items():
+        if stored.get(what) != now:
+            raise StorageError(f"run {name!r} was made with other weights behind {what}.path (fingerprint "
+                               f"{stored.get(what)}, now {now}); allowed: the same weights, or another run_name / "
+                               "output_root for the new ones")
 
 
 def shard_docs(docs: list[dict], index: int, count: int) -> list[dict]:
@@ -98,12 +102,13 @@ def execute(cfg: DictConfig) -> RunStore:
     task = get_task(OmegaConf.to_container(cfg.dataset, resolve=True))
     docs = shard_docs(task.docs(), int(cfg.shard.index), int(cfg.shard.count))
     name = run_name(cfg)
-    _check_model_folders(cfg)  # before the store exists: a bad folder leaves no empty run behind
-    store = RunStore(cfg.output_root, name, create=True, meta=initial_meta(cfg, name, task))
+    prints = model_fingerprints(cfg)  # before the store exists: a bad folder leaves no empty run behind
+    store = RunStore(cfg.output_root, name, create=True, meta={**initial_meta(cfg, name, task), "weights": prints})
     with store.lock():
         meta = store.meta
         if meta.get("config_hash") != config_hash(cfg):
             raise StorageError(f"run {name!r} was created with a different config; pick another run_name")
+        _check_same_weights(store, name, prints)
         done = store.steps_done() if store.n_instances() else 0
         if store.n_instances() == len(docs) and done >= cfg.steps:
             if meta.get("status") != "done":  # killed after its last commit: finish the bookkeeping
