@@ -146,7 +146,10 @@ def draw_metric_vs_flops(ax: plt.Axes, df: pd.DataFrame, styles: Mapping[str, Ma
 def figure_dataset(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], metric: str, dataset: str) -> Figure:
     fig, ax = plt.subplots()
     draw_metric_vs_flops(ax, df[df["dataset"] == dataset], styles, metric, dataset)
-    ax.legend(loc="best")
+    if len(ax.get_lines()) > 5:  # many series: beside the axes, where it hides no curve
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(loc="best")
     return fig
 
 
