@@ -80,6 +80,10 @@ def with_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return t
 
 
+def metric_label(metric: str) -> str:
+    return "Accuracy" if metric == "accuracy" else "Error rate"
+
+
 def series_order(table: pd.DataFrame) -> list[str]:
     fam_rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
     keys = table[["series", "family", "model"]].drop_duplicates()
@@ -139,7 +143,7 @@ def draw_metric_vs_flops(ax: plt.Axes, df: pd.DataFrame, styles: Mapping[str, Ma
             ax.fill_between(d["flops"], d["y_low"], d["y_high"], color=st["color"], alpha=0.15, linewidth=0)
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs per prompt")
-    ax.set_ylabel("Accuracy" if metric == "accuracy" else "Error rate")
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(title)
 
 
@@ -203,7 +207,7 @@ def figure_reward(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], met
                 ax.annotate(f"n={int(r['n'])}", (r["mean_reward_selected"], r["y"]), fontsize=6,
                             xytext=(2, 2), textcoords="offset points", color=st["color"])
         ax.set_xlabel("Mean reward of the selected output")
-        ax.set_ylabel("Accuracy" if metric == "accuracy" else "Error rate")
+        ax.set_ylabel(metric_label(metric))
         ax.set_title(ds)
     for ax in axes.flat[len(datasets):]:
         ax.set_visible(False)
@@ -272,7 +276,7 @@ def format_table1(wide: pd.DataFrame, n_star: int | None, metric: str, decimals:
         out = wide.map(lambda v: missing if pd.isna(v) else f"{v:.{decimals}f}")
         return out.mask(bold, out.map(lambda v: fmt_bold.format(v)))
 
-    what = "Accuracy" if metric == "accuracy" else "Error rate"
+    what = metric_label(metric)
     at = f"n = {n_star}" if n_star is not None else "each cell's largest n"
     md = f"{what} (%) at {at}; best per column in bold.\n\n" + cells("**{}**", "–").to_markdown() + "\n"
     tex_df = cells(r"\textbf{{{}}}", "--")
@@ -288,6 +292,12 @@ def format_table1(wide: pd.DataFrame, n_star: int | None, metric: str, decimals:
 
 
 # -- equal-FLOPs table -------------------------------------------------------------------------------------------
+def last_within(points: pd.DataFrame, budget: float) -> pd.Series | None:
+    """The point with the most FLOPs (then the largest n) not above ``budget``; None when all cost more."""
+    under = points[points["flops"] <= budget]
+    return None if under.empty else under.sort_values(["flops", "n"]).iloc[-1]
+
+
 def equal_flops_table(df: pd.DataFrame, slack: float = 0.05) -> pd.DataFrame:
     """Per dataset, every series at the same compute: the budget F* is the smallest of the series' largest
     FLOPs (so every series reaches it), and each series contributes its point with the most FLOPs not above F*.
@@ -302,10 +312,9 @@ def equal_flops_table(df: pd.DataFrame, slack: float = 0.05) -> pd.DataFrame:
     for ds, g in _positive_flops(df).groupby("dataset", sort=True):
         f_star = float(g.groupby("series")["flops"].max().min())
         for series in [s for s in series_order(g) if s in set(g["series"])]:
-            under = g[(g["series"] == series) & (g["flops"] <= f_star * (1 + slack))]
+            best = last_within(g[g["series"] == series], f_star * (1 + slack))
             row: dict[str, Any] = {"dataset": ds, "Method": series, "budget_flops": f_star}
-            if not under.empty:
-                best = under.sort_values(["flops", "n"]).iloc[-1]
+            if best is not None:
                 row.update(n=int(best["n"]), flops=float(best["flops"]), y=float(best["y"]),
                            y_low=float(best["y_low"]), y_high=float(best["y_high"]))
             rows.append(row)
@@ -322,9 +331,9 @@ def budget_grid(df: pd.DataFrame, max_columns: int = 5) -> list[float]:
     lo, hi = float(f.min()), float(f.max())
     grid = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
             for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
-    top = float(f"{hi:.0e}") if float(f"{hi:.0e}") >= hi else float(f"{hi:.0e}") + 10.0 ** math.floor(math.log10(hi))
-    if not grid or grid[-1] < hi:
-        grid.append(top)  # every series' last point is inside the last column
+    if not grid or grid[-1] < hi:  # close with hi rounded up to one significant digit: every point fits
+        unit = 10.0 ** math.floor(math.log10(hi))
+        grid.append(math.ceil(hi / unit) * unit)
     if len(grid) > max_columns:
         idx = np.unique(np.round(np.linspace(0, len(grid) - 1, max_columns)).astype(int))
         grid = [grid[i] for i in idx]
@@ -332,27 +341,31 @@ def budget_grid(df: pd.DataFrame, max_columns: int = 5) -> list[float]:
 
 
 def budget_table(df: pd.DataFrame, budgets: Sequence[float]) -> pd.DataFrame:
-    """Rows = series, columns = FLOPs budgets; a cell is the series' point with the most FLOPs within that
-    budget ("y (n)"), empty when even its first output costs more. A series that stops below a budget keeps its
+    """Rows = series, columns = FLOPs budgets; a cell is ``(y, n)`` of the series' point with the most FLOPs
+    within that budget, None when even its first output costs more. A series that stops below a budget keeps its
     last point there: it *is* within the budget, only without using all of it."""
-    rows = {}
-    for series in series_order(df):
-        g = _positive_flops(df[df["series"] == series])
-        cells = {}
-        for b in budgets:
-            under = g[g["flops"] <= b * (1 + 1e-9)]
-            cells[b] = None if under.empty else under.sort_values(["flops", "n"]).iloc[-1]
-        rows[series] = cells
-    out = pd.DataFrame({f"≤ {b:.0e}".replace("e+", "e"): [(None if rows[s][b] is None else
-                        (float(rows[s][b]["y"]), int(rows[s][b]["n"]))) for s in rows] for b in budgets},
-                       index=list(rows))
-    out.index.name = "Method"
+    points = _positive_flops(df)
+    out = pd.DataFrame(index=pd.Index(series_order(df), name="Method"))
+    for b in budgets:
+        cells = [last_within(points[points["series"] == s], b * (1 + 1e-9)) for s in out.index]
+        out[f"≤ {b:.0e}".replace("e+", "e")] = [None if c is None else (float(c["y"]), int(c["n"])) for c in cells]
     return out
+
+
+def format_budget_tables(df: pd.DataFrame, metric: str) -> str:
+    """Markdown: per dataset, each series within each budget of ``budget_grid``, as "y% (n)"."""
+    parts = []
+    for ds in sorted(df["dataset"].unique()):
+        d = df[df["dataset"] == ds]
+        grid = budget_table(d, budget_grid(d)).map(lambda c: "–" if c is None else f"{c[0] * 100:.1f} ({c[1]})")
+        parts.append(f"### {ds}: {metric_label(metric).lower()} (%) within each FLOPs budget per prompt "
+                     "(n = outputs used)\n\n" + grid.to_markdown() + "\n")
+    return "\n".join(parts)
 
 
 def format_equal_flops(table: pd.DataFrame, metric: str, decimals: int = 1) -> str:
     """Markdown: one section per dataset, the metric in percent with its 95 % CI, best value in bold."""
-    what = "Accuracy" if metric == "accuracy" else "Error rate"
+    what = metric_label(metric)
     parts = []
     for ds, g in table.groupby("dataset", sort=True):
         shown = (g["y"] * 100).round(decimals)
@@ -400,13 +413,7 @@ def make_plots(table: pd.DataFrame, fig_dir: Path, table_dir: Path, metric: str 
     wide, n_star = table1(df, metric)
     md, tex = format_table1(wide, n_star, metric)
     table_dir.mkdir(parents=True, exist_ok=True)
-    equal = format_equal_flops(equal_flops_table(df), metric)
-    what = "Accuracy" if metric == "accuracy" else "Error rate"
-    for ds in sorted(df["dataset"].unique()):
-        d = df[df["dataset"] == ds]
-        grid = budget_table(d, budget_grid(d)).map(lambda c: "–" if c is None else f"{c[0] * 100:.1f} ({c[1]})")
-        equal += (f"\n### {ds}: {what.lower()} (%) within each FLOPs budget per prompt (n = outputs used)\n\n"
-                  + grid.to_markdown() + "\n")
+    equal = format_equal_flops(equal_flops_table(df), metric) + "\n" + format_budget_tables(df, metric)
     for name, text in (("table1.md", md), ("table1.tex", tex), ("equal_flops.md", equal)):
         (table_dir / name).write_text(text, encoding="utf-8")
         paths.append(table_dir / name)
