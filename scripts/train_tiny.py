@@ -326,15 +326,14 @@ def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassifi
     """The RM before training: the LM's transformer (``--rm-init lm``) plus ``--rm-extra-layers`` freshly
     initialised layers on top, and a fresh scalar head."""
     torch.manual_seed(args.seed + 2)
-    extra = int(getattr(args, "rm_extra_layers", 0))
-    rm = LlamaForSequenceClassification(llama_config(tok, hidden=args.hidden, layers=args.layers + extra,
+    rm = LlamaForSequenceClassification(llama_config(tok, hidden=args.hidden, layers=args.layers + args.rm_extra_layers,
                                                      heads=args.heads, context=args.context, num_labels=1))
     if args.rm_init == "lm":
         if lm is None:
             raise ValueError("--rm-init lm needs the trained LM")
         res = rm.model.load_state_dict(lm.model.state_dict(), strict=False)
         assert not res.unexpected_keys and all(int(k.split(".")[1]) >= args.layers for k in res.missing_keys), res
-        if getattr(args, "rm_freeze_base", False):
+        if args.rm_freeze_base:
             for module in (rm.model.embed_tokens, *rm.model.layers[: args.layers]):
                 module.requires_grad_(False)
     return rm
@@ -401,25 +400,25 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
     data_acc = float(np.mean([s["correct"] for r in rows for s in r]))
     log(f"RM: {len(pairs)} training pairs from {len(fit_docs)} prompts (LM accuracy on these samples "
         f"{data_acc:.3f}); {sample_s:.0f}s sampling")
+    rm = build_rm(args, tok, lm)
     curve: list[dict[str, Any]] = []
 
     def held_out_curve(stage: str):
         def hook(step: int) -> None:
             if args.rm_eval_every and step % args.rm_eval_every == 0:
-                acc = pairwise_accuracy(rm_ref[0], enc, task, held_docs, held_rows)["pairwise_accuracy"]
+                acc = pairwise_accuracy(rm, enc, task, held_docs, held_rows)["pairwise_accuracy"]
                 curve.append({"stage": stage, "step": step, "heldout_pairwise_accuracy": acc})
                 log(f"RM {stage} step {step}: held-out pairwise accuracy {acc}")
         return hook
 
-    rm_ref = [build_rm(args, tok, lm)]
     synthetic = []
     if args.rm_synthetic_prompts:
         # rm_train problems after the sampled ones: disjoint from the held-out prompts
         syn_docs = task.load_split("rm_train", args.rm_prompts + args.rm_synthetic_prompts)[args.rm_prompts :]
         synthetic = synthetic_pairs(task, syn_docs, args.rm_synthetic_per_prompt, random.Random(args.seed + 7))
         log(f"RM stage 1: {len(synthetic)} synthetic (gold, one-error) pairs from {len(syn_docs)} prompts")
-        fit_rm(args, tok, enc, task, lm, synthetic, rm=rm_ref[0], epochs=1, on_step=held_out_curve("synthetic"))
-    rm = fit_rm(args, tok, enc, task, lm, pairs, rm=rm_ref[0], on_step=held_out_curve("on-policy"))
+        fit_rm(args, tok, enc, task, lm, synthetic, rm=rm, epochs=1, on_step=held_out_curve("synthetic"))
+    fit_rm(args, tok, enc, task, lm, pairs, rm=rm, on_step=held_out_curve("on-policy"))
     held = pairwise_accuracy(rm, enc, task, held_docs, held_rows)
     fit = pairwise_accuracy(rm, enc, task, fit_docs[: args.rm_fit_eval], fit_rows[: args.rm_fit_eval])
     log(f"RM: held-out pairwise accuracy {held['pairwise_accuracy']} ({held['n_pairs']} pairs, "

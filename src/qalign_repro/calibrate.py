@@ -140,10 +140,11 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
     }
 
 
-def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
-    """The stored calibration for this experiment if it matches the models, else a fresh one."""
+def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any,
+                      prints: dict[str, str | None]) -> dict[str, Any]:
+    """The stored calibration for this experiment if it matches the models (names and ``prints``, the weight
+    fingerprints of ``models_io.model_fingerprints`` that the caller already has), else a fresh one."""
     path = calibration_path(cfg)
-    prints = model_fingerprints(cfg)
     if path.is_file():
         stored = json.loads(path.read_text())
         if (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights", prints)) == (

@@ -145,7 +145,7 @@ def _resolve_beta(cfg: DictConfig, store: RunStore, generator: Any, reward: Any)
         return meta["beta"]
     from qalign_repro.calibrate import load_or_calibrate
 
-    result = load_or_calibrate(cfg, generator, reward)
+    result = load_or_calibrate(cfg, generator, reward, meta["weights"])
     store.update_meta(beta=float(result["beta"]), beta_calibration=result)
     print(f"beta=auto: calibrated beta={result['beta']:.4g} (chain acceptance {result['chain_acceptance']:.3f})")
     return float(result["beta"])

@@ -254,9 +254,6 @@ class VLLMGenerator:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # -- sampling ---------------------------------------------------------------------------------------------
-    def check_budget(self, prompts: list[list[int]], max_tokens: list[int]) -> None:
-        check_budget(prompts, max_tokens, self.max_context)
-
     def sample(
         self,
         prompts: list[list[int]],
@@ -270,7 +267,7 @@ class VLLMGenerator:
 
         if not prompts:
             return []
-        self.check_budget(prompts, max_tokens)
+        check_budget(prompts, max_tokens, self.max_context)
         logprobs = None
         if return_entropies:
             logprobs = self.entropy_top_k
