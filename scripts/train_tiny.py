@@ -302,6 +302,17 @@ def synthetic_pairs(task: Arith, docs: list[dict], per_prompt: int,
     return pairs
 
 
+def prefix_labels(seq: list[int], gold: list[int], start: int, correct: bool) -> list[float]:
+    """Per-position targets for the dense loss: 1 while the completion so far is still a prefix of the gold
+    chain, 0 from the first token that leaves it; the last token (``</s>``) gets the grade itself, so the
+    position the RM's score is read at learns exactly what the Bradley–Terry loss asks for. Prompt positions
+    get -1 (ignored)."""
+    first_off = next((t for t in range(start, len(seq)) if t >= len(gold) or seq[t] != gold[t]), len(seq))
+    labels = [-1.0] * start + [1.0 if t < first_off else 0.0 for t in range(start, len(seq))]
+    labels[-1] = 1.0 if correct else 0.0
+    return labels
+
+
 def pairwise_accuracy(rm, enc: Encoder, task: Arith, docs: list[dict], rows: list[list[dict]]) -> dict[str, Any]:
     """Over every (correct, incorrect) sample pair of the same prompt: how often the correct one scores
     higher (ties count half). ``n_prompts`` is the effective sample size (pairs of a prompt are correlated)."""
@@ -333,10 +344,31 @@ def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassifi
             raise ValueError("--rm-init lm needs the trained LM")
         res = rm.model.load_state_dict(lm.model.state_dict(), strict=False)
         assert not res.unexpected_keys and all(int(k.split(".")[1]) >= args.layers for k in res.missing_keys), res
+        if getattr(args, "rm_extra_init", "random") == "pool":
+            for layer in rm.model.layers[args.layers :]:
+                # identity at the start (zero output projections), uniform causal attention (zero query/key):
+                # each position sees the running mean of the prefix, so per-token evidence (an error the LM's
+                # states already reveal) can reach the last token from the first step on
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                    torch.nn.init.zeros_(proj.weight)
         if args.rm_freeze_base:
             for module in (rm.model.embed_tokens, *rm.model.layers[: args.layers]):
                 module.requires_grad_(False)
     return rm
+
+
+def dense_targets(enc: Encoder, task: Arith, doc: dict, text: str, preferred: bool) -> list[float]:
+    """``prefix_labels`` for one side of a pair: the preferred side of every pair here (on-policy or
+    synthetic) is a correct chain and the rejected side a wrong one."""
+    msgs = task.prompt(doc)
+    gold = enc.chat(msgs, task.solution(doc))
+    return prefix_labels(enc.chat(msgs, text), gold, len(enc.prompt(msgs)), preferred)
+
+
+def dense_loss(per_pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean logistic loss of the per-position scores against ``prefix_labels`` (-1 = not counted)."""
+    keep = labels >= 0
+    return torch.nn.functional.binary_cross_entropy_with_logits(per_pos[keep], labels[keep])
 
 
 def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
@@ -361,10 +393,19 @@ def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
             chunk = [pairs[i] for i in order[b : b + args.rm_batch]]
             seqs = [enc.chat(task.prompt(doc), good) for doc, good, _ in chunk]
             seqs += [enc.chat(task.prompt(doc), bad) for doc, _, bad in chunk]
+            ids = right_pad(seqs, enc.pad)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                r = rm(input_ids=right_pad(seqs, enc.pad)).logits[:, 0].float()
+                # the head on every position; the score is the last real token's, as the HF/vLLM RM reads it
+                per_pos = rm.score(rm.model(input_ids=ids).last_hidden_state)[..., 0].float()
+            last = torch.tensor([len(q) - 1 for q in seqs])
+            r = per_pos[torch.arange(len(seqs)), last]
             margin = r[: len(chunk)] - r[len(chunk) :]
             loss = -torch.nn.functional.logsigmoid(margin).mean()
+            if args.rm_dense_weight:
+                targets = [dense_targets(enc, task, doc, good, True) for doc, good, _ in chunk]
+                targets += [dense_targets(enc, task, doc, bad, False) for doc, _, bad in chunk]
+                labels = torch.tensor([t + [-1.0] * (ids.shape[1] - len(t)) for t in targets])
+                loss = loss + args.rm_dense_weight * dense_loss(per_pos, labels)
             lr = args.rm_lr * (step + 1) / warmup if step < warmup else args.rm_lr * (total - step) / (total - warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -625,12 +666,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = ap.add_argument_group("RM")
     g.add_argument("--rm-init", choices=["lm", "scratch"], default="lm")
     g.add_argument("--rm-extra-layers", type=int, default=0, help="freshly initialised layers on top of the LM's")
+    g.add_argument("--rm-extra-init", choices=["random", "pool"], default="random",
+                   help="extra layers: standard init, or identity with uniform attention (a running mean)")
     g.add_argument("--rm-freeze-base", action=argparse.BooleanOptionalAction, default=False,
                    help="with --rm-init lm: train only the extra layers, the final norm and the head")
     g.add_argument("--rm-synthetic-prompts", type=int, default=0,
                    help="stage 1 before the on-policy pairs: rm_train problems (after the sampled ones) whose gold "
                         "chain is paired with one-error corruptions of it (0 = off, the paper's recipe)")
     g.add_argument("--rm-synthetic-per-prompt", type=int, default=4)
+    g.add_argument("--rm-dense-weight", type=float, default=0.0,
+                   help="weight of the per-position loss: the head, read at every completion token, learns whether "
+                        "the chain so far is still the gold one (0 = the paper's plain Bradley-Terry loss)")
     g.add_argument("--rm-eval-every", type=int, default=0, help="held-out pairwise accuracy every N RM steps")
     g.add_argument("--rm-prompts", type=int, default=1200, help="rm_train prompts sampled (incl. held-out)")
     g.add_argument("--rm-samples", type=int, default=8, help="LM samples per rm_train prompt")

@@ -133,7 +133,8 @@ def test_sampler_logprobs_match_an_unpadded_forward(tt):
         assert ref == pytest.approx(lps, abs=1e-4)
 
 
-def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(tt):
+@pytest.mark.parametrize("dense", [0.0, 1.0])
+def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(dense, tt):
     """BT training must rank the preferred side first (a sign or pairing bug would push this towards 0).
 
     The rejected side is the gold chain cut before its final sentence, which a 1-layer RM can tell apart in a
@@ -148,7 +149,8 @@ def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(tt):
     tok = build_tokenizer()
     enc = tt.Encoder(tok)
     args = Namespace(seed=0, hidden=32, layers=1, heads=2, context=512, rm_init="scratch", rm_extra_layers=0,
-                     rm_freeze_base=False, rm_lr=3e-3, rm_batch=16, rm_epochs=4, bf16=False, log_every=1000)
+                     rm_freeze_base=False, rm_lr=3e-3, rm_batch=16, rm_epochs=4, bf16=False, log_every=1000,
+                     rm_dense_weight=dense)
     torch.manual_seed(0)
     rm = tt.fit_rm(args, tok, enc, task, None, pairs)
     rows = [[{"text": good, "correct": True}, {"text": bad, "correct": False}] for _, good, bad in pairs]
@@ -215,3 +217,16 @@ def test_synthetic_stage_and_extra_layers_run_and_are_recorded(tmp_path):
     assert [c["step"] for c in rm_info["heldout_curve"] if c["stage"] == "synthetic"] == [2, 4]
     rm = AutoModelForSequenceClassification.from_pretrained(out / "tiny-rm")
     assert rm.config.num_hidden_layers == 2  # the LM's 1 layer + 1 extra
+
+
+def test_prefix_labels_mark_the_first_departure_from_the_gold_chain(tt):
+    """1 while the completion is still the gold chain, 0 from its first wrong token on; the closing token
+    carries the grade; prompt positions are ignored (-1)."""
+    gold = [1, 2, 3, 4, 5, 6, 9]
+    wrong = [1, 2, 3, 4, 7, 6, 9]
+    assert tt.prefix_labels(wrong, gold, 2, False) == [-1, -1, 1, 1, 0, 0, 0]
+    assert tt.prefix_labels(gold, gold, 2, True) == [-1, -1, 1, 1, 1, 1, 1]
+    # a longer completion that starts with the whole gold chain is off from the first extra token
+    assert tt.prefix_labels(gold[:-1] + [8, 9], gold, 2, False) == [-1, -1, 1, 1, 1, 1, 0, 0]
+    # a chain that departs but lands on the right answer: the grade wins at the end
+    assert tt.prefix_labels(wrong, gold, 2, True)[-1] == 1

@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.cli import entry_point
+from qalign_repro.errors import ConfigError
 from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.qalign import QAlign
 from qalign_repro.models_io import model_fingerprints
@@ -60,29 +61,45 @@ def _calibration_chains(cfg: DictConfig, generator: Any) -> list[Chain]:
     return chains
 
 
-def _chain_acceptance(ctx: RunContext, chains: list[Chain], steps: int) -> float:
+COUNTS = ("all", "changed")
+
+
+def _identical(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """The step proposed the current completion itself (always accepted, whatever β)."""
+    return bool(new["accepted"]) and new["completion_ids"] == old["completion_ids"]
+
+
+def _chain_acceptance(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all") -> float:
+    """Acceptance of short chains from fresh ancestral starts; ``count="changed"`` leaves out the proposals
+    that reproduce the current completion."""
     method = QAlign({})
     for c in chains:
         c.last = None
     accepted = total = 0
     for k in range(steps):
         outs = method.step(ctx, chains, k)
+        if k > 0:
+            for c, o in zip(chains, outs):
+                if count == "changed" and _identical(c.last, o):
+                    continue
+                accepted += bool(o["accepted"])
+                total += 1
         for c, o in zip(chains, outs):
             c.last = o
-        if k > 0:
-            accepted += sum(o["accepted"] for o in outs)
-            total += len(outs)
-    return accepted / max(total, 1)
+    return accepted / total if total else float("nan")
 
 
 def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
     target = float(cfg.calibrate.target_acceptance)
+    count = str(cfg.calibrate.get("count", "all"))
+    if count not in COUNTS:
+        raise ConfigError(f"calibrate.count={count!r}; allowed: {', '.join(COUNTS)}")
     chains = _calibration_chains(cfg, generator)
     ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed) + 7919, beta=1.0,
                      max_new_tokens=int(cfg.max_new_tokens), temperature=1.0, batch_size=int(cfg.batch_size))
     # stage 1: ancestral states and one proposal each, for several proposal draws
     method = QAlign({})
-    deltas, l_old, l_new = [], [], []
+    deltas, l_old, l_new, same = [], [], [], []
     for c in chains:
         c.last = None
     first = method.step(ctx, chains, 0)
@@ -93,9 +110,12 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
             deltas.append(o_new["proposal_reward"] - o_old["reward"])
             l_old.append(len(o_old["completion_ids"]))
             l_new.append(o_new["proposal_len"])
+            same.append(_identical(o_old, o_new))
     delta_r, len_old, len_new = np.array(deltas), np.array(l_old, float), np.array(l_new, float)
-    beta = beta_for_target(delta_r, len_old, len_new, target)
-    guess = {"beta": beta, "pair_acceptance": pair_acceptance(delta_r, len_old, len_new, beta)}
+    identical = np.array(same, dtype=bool)
+    pick = ~identical if count == "changed" and (~identical).any() else np.ones_like(identical)
+    beta = beta_for_target(delta_r[pick], len_old[pick], len_new[pick], target)
+    guess = {"beta": beta, "pair_acceptance": pair_acceptance(delta_r[pick], len_old[pick], len_new[pick], beta)}
 
     # stage 2: measure on real chains; acceptance grows with beta, so bracket and bisect in log beta
     history = []
@@ -103,9 +123,9 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
     log_b, lo, hi = math.log(beta), None, None
     for _ in range(int(cfg.calibrate.iterations)):
         ctx.beta = math.exp(log_b)
-        rate = _chain_acceptance(ctx, chains, steps)
+        rate = _chain_acceptance(ctx, chains, steps, count)
         history.append({"beta": ctx.beta, "chain_acceptance": rate})
-        if abs(rate - target) <= float(cfg.calibrate.tolerance):
+        if math.isnan(rate) or abs(rate - target) <= float(cfg.calibrate.tolerance):
             break
         if rate < target:
             lo = log_b
@@ -114,21 +134,24 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
             hi = log_b
             log_b = (log_b + lo) / 2 if lo is not None else log_b - 1.5
         log_b = min(max(log_b, math.log(1e-4)), math.log(1e4))
-    best = min(history, key=lambda h: abs(h["chain_acceptance"] - target))
-    # A proposal that reproduces the current completion (same reward, same length) is accepted at every beta,
-    # so acceptance cannot fall below their share: with a very peaked LM the target may be out of reach.
-    identical = float(np.mean((delta_r == 0) & (len_old == len_new))) if len(delta_r) else 0.0
+    best = min(history, key=lambda h: abs(h["chain_acceptance"] - target) if not math.isnan(h["chain_acceptance"])
+               else math.inf)
+    # A proposal that reproduces the current completion is accepted at every beta, so with count=all the
+    # acceptance cannot fall below their share: with a very peaked LM the target may be out of reach.
+    identical_rate = float(identical.mean()) if len(identical) else 0.0
     reachable = abs(best["chain_acceptance"] - target) <= float(cfg.calibrate.tolerance)
     if not reachable:
-        print(f"beta=auto: target acceptance {target:.2f} is out of reach: {identical:.0%} of the proposals "
-              f"reproduce the current completion (always accepted); closest: beta={best['beta']:.3g} with "
+        hint = " (calibrate.count=changed leaves them out)" if count == "all" else ""
+        print(f"beta=auto: target acceptance {target:.2f} is out of reach: {identical_rate:.0%} of the proposals "
+              f"reproduce the current completion (always accepted){hint}; closest: beta={best['beta']:.3g} with "
               f"acceptance {best['chain_acceptance']:.3f}", file=sys.stderr)
     return {
         "beta": best["beta"],
+        "count": count,
         "target_acceptance": target,
         "chain_acceptance": best["chain_acceptance"],
         "reached": reachable,
-        "identical_proposal_rate": identical,
+        "identical_proposal_rate": identical_rate,
         "pair_guess": guess,
         "history": history,
         "prompts": len(chains),
@@ -143,12 +166,15 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
 def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any,
                       prints: dict[str, str | None]) -> dict[str, Any]:
     """The stored calibration for this experiment if it matches the models (names and ``prints``, the weight
-    fingerprints of ``models_io.model_fingerprints`` that the caller already has), else a fresh one."""
+    fingerprints of ``models_io.model_fingerprints`` that the caller already has) and the target (rate and
+    ``calibrate.count``), else a fresh one."""
     path = calibration_path(cfg)
     if path.is_file():
         stored = json.loads(path.read_text())
-        if (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights", prints)) == (
-                str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints):
+        if (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights", prints),
+                stored.get("count", "all"), stored.get("target_acceptance")) == (
+                str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints,
+                str(cfg.calibrate.get("count", "all")), float(cfg.calibrate.target_acceptance)):
             return stored
     result = {**calibrate_beta(cfg, generator, reward), "weights": prints}
     write_calibration(path, result)

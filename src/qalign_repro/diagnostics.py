@@ -7,15 +7,23 @@ from typing import Any
 
 import numpy as np
 
-from qalign_repro.stats import acceptance_rate, effective_sample_size, estimate_burn_in
+from qalign_repro.stats import (
+    acceptance_rate,
+    changed_acceptance_rate,
+    effective_sample_size,
+    estimate_burn_in,
+    identical_proposals,
+)
 from qalign_repro.storage import RunStore
 
 
 def run_diagnostics(store: RunStore) -> dict[str, Any]:
-    accepted, rewards, suffix = [], [], []
+    accepted, unchanged, rewards, suffix = [], [], [], []
     for inst in store.iter_instances():
         outs = inst["outputs"]
         accepted.append([o["accepted"] for o in outs])
+        ids = [o.get("completion_ids") for o in outs]
+        unchanged.append([False] + [a is not None and a == b for a, b in zip(ids[1:], ids[:-1])])
         rewards.append([o["reward"] for o in outs])
         suffix.append([o["tokens_generated"] for o in outs[1:]])
     steps = min((len(a) for a in accepted), default=0)
@@ -23,7 +31,9 @@ def run_diagnostics(store: RunStore) -> dict[str, Any]:
         return {"steps": 0}
     acc = np.array([a[:steps] for a in accepted], dtype=bool)
     rew = np.array([r[:steps] for r in rewards], dtype=np.float64)
+    same = np.array([u[:steps] for u in unchanged], dtype=bool)
     per_chain = acceptance_rate(acc)
+    changed = changed_acceptance_rate(acc, same)
     ess = effective_sample_size(rew) if steps >= 4 else np.full(len(rew), np.nan)
     gen = np.array([s[: steps - 1] for s in suffix], dtype=np.float64)
     return {
@@ -31,6 +41,12 @@ def run_diagnostics(store: RunStore) -> dict[str, Any]:
         "chains": len(acc),
         "acceptance_overall": float(acc[:, 1:].mean()) if steps > 1 else None,
         "acceptance_per_chain": [None if np.isnan(x) else float(x) for x in per_chain],
+        # acceptance among proposals that differ from the current completion (what beta controls)
+        "identical_proposal_rate": float(identical_proposals(acc, same)[:, 1:].mean()) if steps > 1 else None,
+        "acceptance_changed_overall": (float(changed_acceptance_rate(acc[:, 1:].ravel(), same[:, 1:].ravel(),
+                                                                     skip_first=False))
+                                       if steps > 1 and np.isfinite(changed).any() else None),
+        "acceptance_changed_per_chain": [None if np.isnan(x) else float(x) for x in changed],
         "mean_suffix_tokens": float(gen.mean()) if gen.size else None,
         "reward_ess_per_chain": [None if np.isnan(x) else float(x) for x in ess],
         "reward_ess_mean": float(np.nanmean(ess)) if np.isfinite(ess).any() else None,
@@ -47,6 +63,8 @@ def format_diagnostics(d: dict[str, Any]) -> str:
         f"  acceptance overall {d['acceptance_overall']:.3f}" if d["acceptance_overall"] is not None else
         "  acceptance overall -",
         f"  acceptance per chain min/median/max {min(per):.2f}/{np.median(per):.2f}/{max(per):.2f}" if per else "",
+        (f"  identical proposals {d['identical_proposal_rate']:.3f}; acceptance of the others "
+         f"{d['acceptance_changed_overall']:.3f}") if d.get("acceptance_changed_overall") is not None else "",
         f"  mean proposal suffix {d['mean_suffix_tokens']:.1f} tokens" if d["mean_suffix_tokens"] is not None else "",
         f"  reward-trace ESS (mean over chains) {d['reward_ess_mean']:.1f}" if d["reward_ess_mean"] is not None
         else "  reward-trace ESS -",

@@ -52,6 +52,25 @@ def acceptance_rate(accepted: np.ndarray, skip_first: bool = True) -> np.ndarray
     return a.mean(axis=-1)
 
 
+def identical_proposals(accepted: np.ndarray, unchanged: np.ndarray) -> np.ndarray:
+    """Which steps proposed the current completion itself: accepted (an identical proposal has ratio 1, so it
+    is always accepted) and the state did not change. ``unchanged[..., k]``: state k equals state k-1."""
+    return np.asarray(accepted, dtype=bool) & np.asarray(unchanged, dtype=bool)
+
+
+def changed_acceptance_rate(accepted: np.ndarray, unchanged: np.ndarray, skip_first: bool = True) -> np.ndarray:
+    """Acceptance per chain over the proposals that differ from the current completion. With a peaked LM most
+    suffix proposals reproduce the completion and are accepted at every β; this rate is the part β controls.
+    NaN for a chain with no such proposal."""
+    a = np.asarray(accepted, dtype=bool)
+    same = identical_proposals(a, unchanged)
+    if skip_first:
+        a, same = a[..., 1:], same[..., 1:]
+    n = (~same).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (a & ~same).sum(axis=-1) / np.maximum(n, 1), np.nan)
+
+
 def autocorrelation(trace: np.ndarray) -> np.ndarray:
     """Normalised autocorrelation rho_0..rho_{N-1} of each trace (last axis) via FFT; NaN for a constant
     trace (no variance, autocorrelation undefined)."""
