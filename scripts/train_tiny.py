@@ -302,13 +302,14 @@ def synthetic_pairs(task: Arith, docs: list[dict], per_prompt: int,
     return pairs
 
 
-def prefix_labels(seq: list[int], gold: list[int], start: int, correct: bool) -> list[float]:
+def prefix_labels(seq: list[int], gold: list[int], start: int, correct: bool, sticky: bool = True) -> list[float]:
     """Per-position targets for the dense loss: 1 while the completion so far is still a prefix of the gold
-    chain, 0 from the first token that leaves it; the last token (``</s>``) gets the grade itself, so the
-    position the RM's score is read at learns exactly what the Bradley–Terry loss asks for. Prompt positions
-    get -1 (ignored)."""
+    chain, 0 from the first token that leaves it (``sticky=False``: 0 on that token only, later ones ignored);
+    the last token (``</s>``) gets the grade itself, so the position the RM's score is read at learns exactly
+    what the Bradley–Terry loss asks for. Prompt positions get -1 (ignored)."""
     first_off = next((t for t in range(start, len(seq)) if t >= len(gold) or seq[t] != gold[t]), len(seq))
-    labels = [-1.0] * start + [1.0 if t < first_off else 0.0 for t in range(start, len(seq))]
+    after = 0.0 if sticky else -1.0
+    labels = [-1.0] * start + [1.0 if t < first_off else 0.0 if t == first_off else after for t in range(start, len(seq))]
     labels[-1] = 1.0 if correct else 0.0
     return labels
 
@@ -357,12 +358,12 @@ def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassifi
     return rm
 
 
-def dense_targets(enc: Encoder, task: Arith, doc: dict, text: str, preferred: bool) -> list[float]:
+def dense_targets(enc: Encoder, task: Arith, doc: dict, text: str, preferred: bool, sticky: bool = True) -> list[float]:
     """``prefix_labels`` for one side of a pair: the preferred side of every pair here (on-policy or
     synthetic) is a correct chain and the rejected side a wrong one."""
     msgs = task.prompt(doc)
     gold = enc.chat(msgs, task.solution(doc))
-    return prefix_labels(enc.chat(msgs, text), gold, len(enc.prompt(msgs)), preferred)
+    return prefix_labels(enc.chat(msgs, text), gold, len(enc.prompt(msgs)), preferred, sticky)
 
 
 def dense_loss(per_pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -402,8 +403,9 @@ def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
             margin = r[: len(chunk)] - r[len(chunk) :]
             loss = -torch.nn.functional.logsigmoid(margin).mean()
             if args.rm_dense_weight:
-                targets = [dense_targets(enc, task, doc, good, True) for doc, good, _ in chunk]
-                targets += [dense_targets(enc, task, doc, bad, False) for doc, _, bad in chunk]
+                sticky = getattr(args, "rm_dense_labels", "prefix") == "prefix"
+                targets = [dense_targets(enc, task, doc, good, True, sticky) for doc, good, _ in chunk]
+                targets += [dense_targets(enc, task, doc, bad, False, sticky) for doc, _, bad in chunk]
                 labels = torch.tensor([t + [-1.0] * (ids.shape[1] - len(t)) for t in targets])
                 loss = loss + args.rm_dense_weight * dense_loss(per_pos, labels)
             lr = args.rm_lr * (step + 1) / warmup if step < warmup else args.rm_lr * (total - step) / (total - warmup)
@@ -677,6 +679,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rm-dense-weight", type=float, default=0.0,
                    help="weight of the per-position loss: the head, read at every completion token, learns whether "
                         "the chain so far is still the gold one (0 = the paper's plain Bradley-Terry loss)")
+    g.add_argument("--rm-dense-labels", choices=["prefix", "first-error"], default="prefix",
+                   help="prefix: 0 from the first wrong token on; first-error: 0 on that token, later ones not counted")
     g.add_argument("--rm-eval-every", type=int, default=0, help="held-out pairwise accuracy every N RM steps")
     g.add_argument("--rm-prompts", type=int, default=1200, help="rm_train prompts sampled (incl. held-out)")
     g.add_argument("--rm-samples", type=int, default=8, help="LM samples per rm_train prompt")

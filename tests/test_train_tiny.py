@@ -230,3 +230,5 @@ def test_prefix_labels_mark_the_first_departure_from_the_gold_chain(tt):
     assert tt.prefix_labels(gold[:-1] + [8, 9], gold, 2, False) == [-1, -1, 1, 1, 1, 1, 0, 0]
     # a chain that departs but lands on the right answer: the grade wins at the end
     assert tt.prefix_labels(wrong, gold, 2, True)[-1] == 1
+    # first-error labels: only the departing token is a negative, the tokens after it are not counted
+    assert tt.prefix_labels(wrong, gold, 2, False, sticky=False) == [-1, -1, 1, 1, 0, -1, 0]
