@@ -372,6 +372,23 @@ def dense_loss(per_pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.binary_cross_entropy_with_logits(per_pos[keep], labels[keep])
 
 
+def surprise_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, docs: list[dict],
+                rows: list[list[dict]]) -> tuple[LlamaForSequenceClassification, dict[str, Any]]:
+    """``--rm-init surprise``: the LM plus the hand-set layers of ``tiny_rm_circuit`` (fitted on the LM's own
+    samples of the first ``--rm-circuit-prompts`` training prompts); only the head is left trainable, and it is
+    fitted in float32 (the circuit carries small signals next to a large constant)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_rm_circuit import build_surprise_rm
+
+    seqs = [enc.chat(task.prompt(d), smp["text"]) for d, row in zip(docs[: args.rm_circuit_prompts], rows)
+            for smp in row[:2]]
+    digits = [enc.tok.convert_tokens_to_ids(str(k)) for k in range(10)]
+    rm, info = build_surprise_rm(lm, seqs, digits, enc.pad)
+    for name, param in rm.named_parameters():
+        param.requires_grad_(name.startswith("score."))
+    return rm, info
+
+
 def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
            pairs: list[tuple[dict, str, str]], rm: LlamaForSequenceClassification | None = None,
            epochs: int | None = None, on_step=None) -> LlamaForSequenceClassification:
@@ -395,7 +412,7 @@ def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
             seqs = [enc.chat(task.prompt(doc), good) for doc, good, _ in chunk]
             seqs += [enc.chat(task.prompt(doc), bad) for doc, _, bad in chunk]
             ids = right_pad(seqs, enc.pad)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16 and args.rm_init != "surprise"):
                 # the head on every position; the score is the last real token's, as the HF/vLLM RM reads it
                 per_pos = rm.score(rm.model(input_ids=ids).last_hidden_state)[..., 0].float()
             last = torch.tensor([len(q) - 1 for q in seqs])
@@ -443,7 +460,13 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
     data_acc = float(np.mean([s["correct"] for r in rows for s in r]))
     log(f"RM: {len(pairs)} training pairs from {len(fit_docs)} prompts (LM accuracy on these samples "
         f"{data_acc:.3f}); {sample_s:.0f}s sampling")
-    rm = build_rm(args, tok, lm)
+    circuit = None
+    if args.rm_init == "surprise":
+        rm, circuit = surprise_rm(args, enc, task, lm, fit_docs, fit_rows)
+        log(f"RM: surprise circuit built; held-out pairwise accuracy before Bradley-Terry "
+            f"{pairwise_accuracy(rm, enc, task, held_docs, held_rows)['pairwise_accuracy']}")
+    else:
+        rm = build_rm(args, tok, lm)
     curve: list[dict[str, Any]] = []
 
     def held_out_curve(stage: str):
@@ -466,7 +489,7 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
     fit = pairwise_accuracy(rm, enc, task, fit_docs[: args.rm_fit_eval], fit_rows[: args.rm_fit_eval])
     log(f"RM: held-out pairwise accuracy {held['pairwise_accuracy']} ({held['n_pairs']} pairs, "
         f"{held['n_prompts']} prompts); train-prompt accuracy {fit['pairwise_accuracy']}")
-    info = {"init": args.rm_init, "rm_train_prompts": len(docs), "heldout_prompts": n_held,
+    info = {"init": args.rm_init, "circuit": circuit, "rm_train_prompts": len(docs), "heldout_prompts": n_held,
             "samples_per_prompt": args.rm_samples, "train_pairs": len(pairs), "synthetic_pairs": len(synthetic),
             "extra_layers": args.rm_extra_layers, "freeze_base": args.rm_freeze_base, "heldout_curve": curve,
             "steps": max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs),
@@ -537,6 +560,19 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _rm_init_text(rm: dict[str, Any]) -> str:
+    if rm["init"] == "surprise":
+        c = rm["circuit"] or {}
+        return ("the trained tiny-lm plus three hand-set layers (`scripts/tiny_rm_circuit.py`: a layer after the LM's "
+                "first one writes the current digit into directions the LM hardly uses, a previous-position head "
+                "brings the LM's digit logits to the next position, and the last layer averages the LM's surprise at "
+                f"the written digits; fitted on {c.get('fit_positions', '?')} positions of the LM's own samples, "
+                f"digit-probe error <= {c.get('c0_probe_error_max', '?')}); only the scalar head is trained")
+    if rm["init"] == "lm":
+        return "the trained tiny-lm (as the paper initialises its RM from the policy)"
+    return "scratch"
+
+
 def model_card(kind: str, metrics: dict[str, Any]) -> str:
     s, lm, rm = metrics["settings"], metrics["lm"], metrics["rm"]
     cmd = "python scripts/train_tiny.py " + " ".join(_without_out(metrics["argv"]))
@@ -601,7 +637,7 @@ def model_card(kind: str, metrics: dict[str, Any]) -> str:
         ]
     else:
         lines += [
-            f"Initialised from {'the trained tiny-lm (as the paper initialises its RM from the policy)' if rm['init'] == 'lm' else 'scratch'}; "
+            f"Initialised from {_rm_init_text(rm)}; "
             f"trained with the Bradley–Terry loss -log σ(r(correct) − r(incorrect)) on {rm['train_pairs']} pairs of "
             f"tiny-lm's own temperature-1 samples ({rm['samples_per_prompt']} per prompt on "
             f"{rm['rm_train_prompts'] - rm['heldout_prompts']} rm_train prompts, up to {s['rm_pairs_per_prompt']} "
@@ -666,7 +702,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 autocast for the training forwards of LM and RM (fp32 weights; ~1.4x faster on "
                         "CPUs with AVX512-BF16); sampling, scoring and the saved weights stay fp32")
     g = ap.add_argument_group("RM")
-    g.add_argument("--rm-init", choices=["lm", "scratch"], default="lm")
+    g.add_argument("--rm-init", choices=["surprise", "lm", "scratch"], default="surprise",
+                   help="surprise: the LM + hand-set layers scoring the LM's own surprise at the answer digits "
+                        "(tiny_rm_circuit.py), head fitted by Bradley-Terry; lm: the LM + a fresh head, all trained")
+    g.add_argument("--rm-circuit-prompts", type=int, default=300, help="training prompts the circuit is fitted on")
     g.add_argument("--rm-extra-layers", type=int, default=0, help="freshly initialised layers on top of the LM's")
     g.add_argument("--rm-extra-init", choices=["random", "pool"], default="random",
                    help="extra layers: standard init, or identity with uniform attention (a running mean)")

@@ -22,7 +22,7 @@ SMALL = [
     "--steps", "6", "--batch", "8", "--hidden", "32", "--layers", "1", "--heads", "2",
     "--rm-prompts", "20", "--rm-samples", "3", "--rm-batch", "4", "--rm-fit-eval", "4",
     "--test-n", "12", "--diag-prompts", "4", "--diag-k", "4", "--max-new-tokens", "40",
-    "--log-every", "3", "--eval-every", "3", "--eval-n", "4",
+    "--log-every", "3", "--eval-every", "3", "--eval-n", "4", "--rm-init", "lm",
 ]
 
 
@@ -232,3 +232,44 @@ def test_prefix_labels_mark_the_first_departure_from_the_gold_chain(tt):
     assert tt.prefix_labels(wrong, gold, 2, True)[-1] == 1
     # first-error labels: only the departing token is a negative, the tokens after it are not counted
     assert tt.prefix_labels(wrong, gold, 2, False, sticky=False) == [-1, -1, 1, 1, 0, -1, 0]
+
+
+def test_smoke_run_with_the_surprise_rm(tmp_path):
+    """The default RM init on a two-layer LM: it trains, saves, and loads as a plain HF sequence classifier with
+    attention/MLP biases (what vLLM loads too)."""
+    small = [a for a in SMALL if a not in ("--rm-init", "lm")]
+    small[small.index("--hidden") + 1], small[small.index("--layers") + 1] = "64", "2"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *small, "--rm-circuit-prompts", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny-rm")
+    assert rm.config.num_hidden_layers == 5 and rm.config.attention_bias and rm.config.mlp_bias
+    info = json.loads((tmp_path / "tiny-rm" / "metrics.json").read_text())["rm"]
+    assert info["init"] == "surprise" and info["circuit"]["layers"] == {"code_writer": 1, "carry": 3, "pool": 4}
+
+
+def test_surprise_circuit_on_the_shipped_lm_prefers_gold_chains(tt):
+    """Built on the shipped LM from its gold chains, the circuit alone (before any Bradley-Terry fit) ranks the gold
+    chain above a one-error chain of the same problem for most unseen problems (0.93 measured)."""
+    import random
+
+    from transformers import LlamaForCausalLM
+
+    from qalign_repro.tasks.arith import Arith
+    from qalign_repro.tiny import build_tokenizer
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from tiny_rm_circuit import build_surprise_rm
+
+    task = Arith(yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text()))
+    tok = build_tokenizer()
+    enc = tt.Encoder(tok)
+    lm = LlamaForCausalLM.from_pretrained(ROOT / "src" / "qalign_repro" / "assets" / "tiny-lm")
+    docs = task.load_split("rm_train", 260)
+    fit = [enc.chat(task.prompt(d), task.solution(d)) for d in docs[:100]]
+    rm, info = build_surprise_rm(lm, fit, [tok.convert_tokens_to_ids(str(k)) for k in range(10)], enc.pad)
+    assert info["c0_probe_error_max"] < 0.005 and info["code_error_max"] < 0.01
+    pairs = tt.synthetic_pairs(task, docs[100:], 1, random.Random(3))
+    good = tt.score(rm, [enc.chat(task.prompt(d), g) for d, g, _ in pairs], enc.pad)
+    bad = tt.score(rm, [enc.chat(task.prompt(d), b) for d, _, b in pairs], enc.pad)
+    assert len(pairs) >= 100 and (good > bad).mean() >= 0.85, (good > bad).mean()  # chance: 0.5, SE ~0.04
