@@ -345,7 +345,7 @@ def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassifi
             raise ValueError("--rm-init lm needs the trained LM")
         res = rm.model.load_state_dict(lm.model.state_dict(), strict=False)
         assert not res.unexpected_keys and all(int(k.split(".")[1]) >= args.layers for k in res.missing_keys), res
-        if getattr(args, "rm_extra_init", "random") == "pool":
+        if args.rm_extra_init == "pool":
             for layer in rm.model.layers[args.layers :]:
                 # identity at the start (zero output projections), uniform causal attention (zero query/key):
                 # each position sees the running mean of the prefix, so per-token evidence (an error the LM's
@@ -377,7 +377,9 @@ def surprise_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, docs: lis
     """``--rm-init surprise``: the LM plus the hand-set layers of ``tiny_rm_circuit`` (fitted on the LM's own
     samples of the first ``--rm-circuit-prompts`` training prompts); only the head is left trainable, and it is
     fitted in float32 (the circuit carries small signals next to a large constant)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)  # also when this file is loaded by path (the tests)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from tiny_rm_circuit import build_surprise_rm
 
     seqs = [enc.chat(task.prompt(d), smp["text"]) for d, row in zip(docs[: args.rm_circuit_prompts], rows)
@@ -420,7 +422,7 @@ def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
             margin = r[: len(chunk)] - r[len(chunk) :]
             loss = -torch.nn.functional.logsigmoid(margin).mean()
             if args.rm_dense_weight:
-                sticky = getattr(args, "rm_dense_labels", "prefix") == "prefix"
+                sticky = args.rm_dense_labels == "prefix"
                 targets = [dense_targets(enc, task, doc, good, True, sticky) for doc, good, _ in chunk]
                 targets += [dense_targets(enc, task, doc, bad, False, sticky) for doc, _, bad in chunk]
                 labels = torch.tensor([t + [-1.0] * (ids.shape[1] - len(t)) for t in targets])

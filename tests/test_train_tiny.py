@@ -150,7 +150,7 @@ def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(dense, tt):
     enc = tt.Encoder(tok)
     args = Namespace(seed=0, hidden=32, layers=1, heads=2, context=512, rm_init="scratch", rm_extra_layers=0,
                      rm_freeze_base=False, rm_lr=3e-3, rm_batch=16, rm_epochs=4, bf16=False, log_every=1000,
-                     rm_dense_weight=dense)
+                     rm_dense_weight=dense, rm_dense_labels="prefix", rm_extra_init="random")
     torch.manual_seed(0)
     rm = tt.fit_rm(args, tok, enc, task, None, pairs)
     rows = [[{"text": good, "correct": True}, {"text": bad, "correct": False}] for _, good, bad in pairs]

@@ -28,6 +28,7 @@ from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.qalign import QAlign
 from qalign_repro.models_io import model_fingerprints
 from qalign_repro.naming import config_hash
+from qalign_repro.stats import changed_acceptance_rate, identical_proposals
 from qalign_repro.tasks import get_task
 
 
@@ -64,9 +65,13 @@ def _calibration_chains(cfg: DictConfig, generator: Any) -> list[Chain]:
 COUNTS = ("all", "changed")
 
 
-def _identical(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """The step proposed the current completion itself (always accepted, whatever β)."""
-    return bool(new["accepted"]) and new["completion_ids"] == old["completion_ids"]
+def _rate(accepted: list[bool], unchanged: list[bool], count: str) -> float:
+    """Pooled acceptance of the proposals ``count`` selects (``stats.changed_acceptance_rate`` decides which
+    proposals reproduced the current completion); NaN when none is counted."""
+    acc, same = np.array(accepted, dtype=bool), np.array(unchanged, dtype=bool)
+    if count == "changed":
+        return float(changed_acceptance_rate(acc, same, skip_first=False))
+    return float(acc.mean()) if acc.size else float("nan")
 
 
 def _chain_acceptance(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all") -> float:
@@ -75,18 +80,15 @@ def _chain_acceptance(ctx: RunContext, chains: list[Chain], steps: int, count: s
     method = QAlign({})
     for c in chains:
         c.last = None
-    accepted = total = 0
+    accepted, unchanged = [], []
     for k in range(steps):
         outs = method.step(ctx, chains, k)
         if k > 0:
-            for c, o in zip(chains, outs):
-                if count == "changed" and _identical(c.last, o):
-                    continue
-                accepted += bool(o["accepted"])
-                total += 1
+            accepted += [bool(o["accepted"]) for o in outs]
+            unchanged += [o["completion_ids"] == c.last["completion_ids"] for c, o in zip(chains, outs)]
         for c, o in zip(chains, outs):
             c.last = o
-    return accepted / total if total else float("nan")
+    return _rate(accepted, unchanged, count)
 
 
 def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
@@ -99,7 +101,7 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
                      max_new_tokens=int(cfg.max_new_tokens), temperature=1.0, batch_size=int(cfg.batch_size))
     # stage 1: ancestral states and one proposal each, for several proposal draws
     method = QAlign({})
-    deltas, l_old, l_new, same = [], [], [], []
+    deltas, l_old, l_new, accepted, unchanged = [], [], [], [], []
     for c in chains:
         c.last = None
     first = method.step(ctx, chains, 0)
@@ -110,9 +112,10 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
             deltas.append(o_new["proposal_reward"] - o_old["reward"])
             l_old.append(len(o_old["completion_ids"]))
             l_new.append(o_new["proposal_len"])
-            same.append(_identical(o_old, o_new))
+            accepted.append(bool(o_new["accepted"]))
+            unchanged.append(o_new["completion_ids"] == o_old["completion_ids"])
     delta_r, len_old, len_new = np.array(deltas), np.array(l_old, float), np.array(l_new, float)
-    identical = np.array(same, dtype=bool)
+    identical = identical_proposals(np.array(accepted, dtype=bool), np.array(unchanged, dtype=bool))
     pick = ~identical if count == "changed" and (~identical).any() else np.ones_like(identical)
     beta = beta_for_target(delta_r[pick], len_old[pick], len_new[pick], target)
     guess = {"beta": beta, "pair_acceptance": pair_acceptance(delta_r[pick], len_old[pick], len_new[pick], beta)}

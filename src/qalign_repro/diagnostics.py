@@ -34,6 +34,7 @@ def run_diagnostics(store: RunStore) -> dict[str, Any]:
     same = np.array([u[:steps] for u in unchanged], dtype=bool)
     per_chain = acceptance_rate(acc)
     changed = changed_acceptance_rate(acc, same)
+    pooled = changed_acceptance_rate(acc[:, 1:].ravel(), same[:, 1:].ravel(), skip_first=False)
     ess = effective_sample_size(rew) if steps >= 4 else np.full(len(rew), np.nan)
     gen = np.array([s[: steps - 1] for s in suffix], dtype=np.float64)
     return {
@@ -43,9 +44,7 @@ def run_diagnostics(store: RunStore) -> dict[str, Any]:
         "acceptance_per_chain": [None if np.isnan(x) else float(x) for x in per_chain],
         # acceptance among proposals that differ from the current completion (what beta controls)
         "identical_proposal_rate": float(identical_proposals(acc, same)[:, 1:].mean()) if steps > 1 else None,
-        "acceptance_changed_overall": (float(changed_acceptance_rate(acc[:, 1:].ravel(), same[:, 1:].ravel(),
-                                                                     skip_first=False))
-                                       if steps > 1 and np.isfinite(changed).any() else None),
+        "acceptance_changed_overall": None if np.isnan(pooled) else float(pooled),
         "acceptance_changed_per_chain": [None if np.isnan(x) else float(x) for x in changed],
         "mean_suffix_tokens": float(gen.mean()) if gen.size else None,
         "reward_ess_per_chain": [None if np.isnan(x) else float(x) for x in ess],
