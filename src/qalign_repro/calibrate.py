@@ -4,9 +4,14 @@ Two stages, both on a few calibration prompts:
 1. *Pairs.* Draw ancestral states y and one Quest proposal y' from each. The acceptance of a pair,
    min(1, exp((r' − r)/β)·|y|/|y'|), is known in closed form for every β, so a grid over log β gives the β
    whose mean acceptance hits the target without sampling again.
-2. *Chains.* Run a short real chain at that β and measure its acceptance (the chain's states are not
-   ancestral, so stage 1 is only a first guess); acceptance grows with β, so bracket the target in log β and
-   bisect until the measured rate is within ``calibrate.tolerance`` of it or the iterations run out.
+2. *Chains.* Run short real chains at that β (their states are not ancestral, so stage 1 is only a first
+   guess) and measure their acceptance as the mean acceptance *probability* of their proposals: the same
+   expectation as the share of accepted proposals without its coin-flip noise, and, being closed form, it
+   gives the next β by solving on the chains' own pairs. Repeat until the rate is within
+   ``calibrate.tolerance`` of the target or the iterations run out; measured βs bracket the target and a
+   solution outside the bracket is bisected. What limits the result is the number of *prompts*: acceptance
+   varies much more between prompts than between steps of one chain, so the standard error is taken over
+   prompts and a warning says when it exceeds ``calibrate.max_se``.
 The result (β, both acceptance estimates, the history) is written to
 ``<output_root>/calibration/<experiment_name>.json`` and reused by ``beta=auto`` runs and by the recipes.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +29,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.cli import entry_point
+from qalign_repro.config import positive_int
 from qalign_repro.errors import ConfigError
 from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.qalign import QAlign
 from qalign_repro.models_io import model_fingerprints
 from qalign_repro.naming import config_hash
-from qalign_repro.stats import changed_acceptance_rate, identical_proposals
+from qalign_repro.stats import identical_proposals
 from qalign_repro.tasks import get_task
 
 
@@ -36,15 +43,43 @@ def calibration_path(cfg: DictConfig) -> Path:
     return Path(cfg.output_root) / "calibration" / f"{cfg.experiment_name}.json"
 
 
-def pair_acceptance(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarray, beta: float) -> float:
+def acceptance_probabilities(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarray,
+                             beta: float) -> np.ndarray:
+    """QAlign's min(1, exp(Δr/β)·|y|/|y'|) for every (state, proposal) pair at once."""
     log_alpha = delta_r / beta + np.log(len_old) - np.log(len_new)
-    return float(np.mean(np.exp(np.minimum(log_alpha, 0.0))))
+    return np.exp(np.minimum(log_alpha, 0.0))
+
+
+def pair_acceptance(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarray, beta: float) -> float:
+    """Mean acceptance probability of the pairs at ``beta``: the expected acceptance rate, without the noise
+    of the accept/reject coin flips."""
+    return float(np.mean(acceptance_probabilities(delta_r, len_old, len_new, beta)))
+
+
+BETA_RANGE = (1e-6, 1e6)
 
 
 def beta_for_target(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarray, target: float) -> float:
-    grid = np.exp(np.linspace(math.log(1e-3), math.log(1e3), 241))
-    rates = np.array([pair_acceptance(delta_r, len_old, len_new, b) for b in grid])
-    return float(grid[int(np.argmin(np.abs(rates - target)))])
+    """The β at which the pairs' mean acceptance crosses ``target``: a log grid finds the bracket, bisection
+    refines it. The rate rises with β for all but the rare pairs whose reward gain meets a longer proposal, so
+    the first crossing is the one; outside the range the nearer end is returned."""
+    lo, hi = (math.log(b) for b in BETA_RANGE)
+    grid = np.linspace(lo, hi, 241)
+    rates = np.array([pair_acceptance(delta_r, len_old, len_new, math.exp(g)) for g in grid])
+    above = np.nonzero(rates >= target)[0]
+    if not above.size:
+        return BETA_RANGE[1]
+    j = int(above[0])
+    if j == 0:
+        return BETA_RANGE[0]
+    a, b = grid[j - 1], grid[j]
+    for _ in range(40):
+        mid = (a + b) / 2
+        if pair_acceptance(delta_r, len_old, len_new, math.exp(mid)) >= target:
+            b = mid
+        else:
+            a = mid
+    return math.exp(b)
 
 
 def _calibration_chains(cfg: DictConfig, generator: Any) -> list[Chain]:
@@ -65,37 +100,95 @@ def _calibration_chains(cfg: DictConfig, generator: Any) -> list[Chain]:
 COUNTS = ("all", "changed")
 
 
-def _rate(accepted: list[bool], unchanged: list[bool], count: str) -> float:
-    """Pooled acceptance of the proposals ``count`` selects (``stats.changed_acceptance_rate`` decides which
-    proposals reproduced the current completion); NaN when none is counted."""
-    acc, same = np.array(accepted, dtype=bool), np.array(unchanged, dtype=bool)
-    if count == "changed":
-        return float(changed_acceptance_rate(acc, same, skip_first=False))
-    return float(acc.mean()) if acc.size else float("nan")
+@dataclass
+class ChainPairs:
+    """The counted (state, proposal) pairs of short chains: enough to give the chains' expected acceptance at
+    any β, and its standard error over prompts."""
+
+    delta_r: np.ndarray   # r(y') - r(y)
+    len_old: np.ndarray   # |y|
+    len_new: np.ndarray   # |y'|
+    accepted: np.ndarray  # the coin flips the chains made
+    chain: np.ndarray     # which chain (prompt) each pair came from
+
+    def expected(self, beta: float) -> float:
+        if not self.delta_r.size:
+            return float("nan")
+        return pair_acceptance(self.delta_r, self.len_old, self.len_new, beta)
+
+    def observed(self) -> float:
+        return float(self.accepted.mean()) if self.accepted.size else float("nan")
+
+    def standard_error(self, beta: float) -> float:
+        """Standard error of ``expected(beta)`` with prompts as the sampling unit (pairs of one chain are not
+        independent): the delta-method variance of a ratio of per-chain sums."""
+        if not self.delta_r.size:
+            return float("nan")
+        alpha = acceptance_probabilities(self.delta_r, self.len_old, self.len_new, beta)
+        chains, inverse = np.unique(self.chain, return_inverse=True)
+        m = len(chains)
+        if m < 2:
+            return float("nan")
+        sums = np.bincount(inverse, weights=alpha, minlength=m)
+        counts = np.bincount(inverse, minlength=m).astype(float)
+        rate = sums.sum() / counts.sum()
+        return float(math.sqrt(m / (m - 1) * np.sum((sums - rate * counts) ** 2)) / counts.sum())
 
 
-def _chain_acceptance(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all") -> float:
-    """Acceptance of short chains from fresh ancestral starts; ``count="changed"`` leaves out the proposals
-    that reproduce the current completion."""
+def chain_pairs(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all") -> ChainPairs:
+    """Run short QAlign chains at ``ctx.beta`` from fresh ancestral starts and keep every proposal ``count``
+    selects; ``count="changed"`` leaves out the proposals that reproduce the current completion (they are
+    accepted at every β, see ``stats.identical_proposals``)."""
     method = QAlign({})
     for c in chains:
         c.last = None
-    accepted, unchanged = [], []
+    rows: list[tuple[float, int, int, bool, int]] = []
     for k in range(steps):
         outs = method.step(ctx, chains, k)
         if k > 0:
-            accepted += [bool(o["accepted"]) for o in outs]
-            unchanged += [o["completion_ids"] == c.last["completion_ids"] for c, o in zip(chains, outs)]
+            same = identical_proposals(np.array([o["accepted"] for o in outs], dtype=bool),
+                                       np.array([o["completion_ids"] == c.last["completion_ids"]
+                                                 for c, o in zip(chains, outs)], dtype=bool))
+            rows += [(o["proposal_reward"] - c.last["reward"], len(c.last["completion_ids"]), o["proposal_len"],
+                      bool(o["accepted"]), c.idx)
+                     for c, o, s in zip(chains, outs, same) if not (count == "changed" and s)]
         for c, o in zip(chains, outs):
             c.last = o
-    return _rate(accepted, unchanged, count)
+    cols = list(zip(*rows)) if rows else [[]] * 5
+    return ChainPairs(delta_r=np.array(cols[0], float), len_old=np.array(cols[1], float),
+                      len_new=np.array(cols[2], float), accepted=np.array(cols[3], bool),
+                      chain=np.array(cols[4], int))
+
+
+def precision_warning(measurement: dict[str, float], max_se: float, prompts: int) -> str | None:
+    """One line when the acceptance estimate is too noisy for the chosen β to hold on other prompts (None when
+    its standard error is within ``max_se`` or unknown)."""
+    se = measurement["chain_acceptance_se"]
+    if not se > max_se:
+        return None
+    return (f"beta=auto: acceptance {measurement['chain_acceptance']:.3f} +- {se:.3f} (standard error over "
+            f"{prompts} prompts) is above calibrate.max_se={max_se:g}: raise calibrate.prompts (or calibrate.steps) "
+            f"for a beta that holds on other prompts")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One-line errors for ``calibrate`` values that would make the search meaningless, before any sampling."""
+    c = cfg.calibrate
+    count = c.get("count", "all")
+    if count not in COUNTS:
+        raise ConfigError(f"calibrate.count={count!r}; allowed: {', '.join(COUNTS)}")
+    for key, minimum in (("prompts", 1), ("steps", 2), ("pair_draws", 1), ("iterations", 1)):
+        positive_int(c.get(key), f"calibrate.{key}", minimum)
+    for key, low, high in (("target_acceptance", 0.0, 1.0), ("tolerance", 0.0, 1.0), ("max_se", 0.0, 1.0)):
+        value = c.get(key, 0.05)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+            raise ConfigError(f"calibrate.{key}={value!r} is invalid; allowed: a number in ({low:g}, {high:g})")
 
 
 def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, Any]:
+    check_settings(cfg)
     target = float(cfg.calibrate.target_acceptance)
     count = str(cfg.calibrate.get("count", "all"))
-    if count not in COUNTS:
-        raise ConfigError(f"calibrate.count={count!r}; allowed: {', '.join(COUNTS)}")
     chains = _calibration_chains(cfg, generator)
     ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed) + 7919, beta=1.0,
                      max_new_tokens=int(cfg.max_new_tokens), temperature=1.0, batch_size=int(cfg.batch_size))
@@ -120,45 +213,64 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
     beta = beta_for_target(delta_r[pick], len_old[pick], len_new[pick], target)
     guess = {"beta": beta, "pair_acceptance": pair_acceptance(delta_r[pick], len_old[pick], len_new[pick], beta)}
 
-    # stage 2: measure on real chains; acceptance grows with beta, so bracket and bisect in log beta
+    # stage 2: real chains. Their states are not ancestral, so each measurement re-solves the closed form on the
+    # chains' own pairs; the measured rate is their mean acceptance probability (no coin-flip noise). Acceptance
+    # grows with beta, so measured betas bracket the target and a solution outside the bracket is bisected.
     history = []
     steps = int(cfg.calibrate.steps)
-    log_b, lo, hi = math.log(beta), None, None
+    tolerance = float(cfg.calibrate.tolerance)
+    lo, hi = None, None
     for _ in range(int(cfg.calibrate.iterations)):
-        ctx.beta = math.exp(log_b)
-        rate = _chain_acceptance(ctx, chains, steps, count)
-        history.append({"beta": ctx.beta, "chain_acceptance": rate})
-        if math.isnan(rate) or abs(rate - target) <= float(cfg.calibrate.tolerance):
+        ctx.beta = beta
+        pairs = chain_pairs(ctx, chains, steps, count)
+        rate = pairs.expected(beta)
+        history.append({"beta": beta, "chain_acceptance": rate, "chain_acceptance_se": pairs.standard_error(beta),
+                        "observed_acceptance": pairs.observed(), "proposals": int(pairs.delta_r.size)})
+        if math.isnan(rate) or abs(rate - target) <= tolerance:
             break
         if rate < target:
-            lo = log_b
-            log_b = (log_b + hi) / 2 if hi is not None else log_b + 1.5
+            lo = beta if lo is None else max(lo, beta)
         else:
-            hi = log_b
-            log_b = (log_b + lo) / 2 if lo is not None else log_b - 1.5
-        log_b = min(max(log_b, math.log(1e-4)), math.log(1e4))
+            hi = beta if hi is None else min(hi, beta)
+        proposed = beta_for_target(pairs.delta_r, pairs.len_old, pairs.len_new, target)
+        inside = (lo is None or proposed > lo) and (hi is None or proposed < hi)
+        if not inside:
+            proposed = math.sqrt(lo * hi) if lo is not None and hi is not None else (
+                beta * 4.0 if rate < target else beta / 4.0)
+        beta = min(max(proposed, BETA_RANGE[0]), BETA_RANGE[1])
     best = min(history, key=lambda h: abs(h["chain_acceptance"] - target) if not math.isnan(h["chain_acceptance"])
                else math.inf)
     # A proposal that reproduces the current completion is accepted at every beta, so with count=all the
     # acceptance cannot fall below their share: with a very peaked LM the target may be out of reach.
     identical_rate = float(identical.mean()) if len(identical) else 0.0
-    reachable = abs(best["chain_acceptance"] - target) <= float(cfg.calibrate.tolerance)
-    if not reachable:
-        hint = " (calibrate.count=changed leaves them out)" if count == "all" else ""
+    reachable = abs(best["chain_acceptance"] - target) <= tolerance
+    closest = f"closest: beta={best['beta']:.3g} with acceptance {best['chain_acceptance']:.3f}"
+    if not reachable and count == "all" and best["chain_acceptance"] > target and identical_rate > target - tolerance:
         print(f"beta=auto: target acceptance {target:.2f} is out of reach: {identical_rate:.0%} of the proposals "
-              f"reproduce the current completion (always accepted){hint}; closest: beta={best['beta']:.3g} with "
-              f"acceptance {best['chain_acceptance']:.3f}", file=sys.stderr)
+              f"reproduce the current completion (always accepted; calibrate.count=changed leaves them out); "
+              f"{closest}", file=sys.stderr)
+    elif not reachable and math.isnan(best["chain_acceptance"]):
+        print(f"beta=auto: no proposal was counted (calibrate.count={count}): raise calibrate.prompts or "
+              f"calibrate.steps; keeping beta={best['beta']:.3g}", file=sys.stderr)
+    elif not reachable:
+        print(f"beta=auto: target acceptance {target:.2f} not reached in calibrate.iterations={len(history)} "
+              f"measurements; {closest}", file=sys.stderr)
+    elif (warning := precision_warning(best, float(cfg.calibrate.get("max_se", 0.05)), len(chains))) is not None:
+        print(warning, file=sys.stderr)
     return {
         "beta": best["beta"],
         "count": count,
         "target_acceptance": target,
         "chain_acceptance": best["chain_acceptance"],
+        "chain_acceptance_se": best["chain_acceptance_se"],
+        "observed_acceptance": best["observed_acceptance"],
         "reached": reachable,
         "identical_proposal_rate": identical_rate,
         "pair_guess": guess,
         "history": history,
         "prompts": len(chains),
         "steps": steps,
+        "settings": calibration_settings(cfg),
         "config_hash": config_hash(cfg),
         "dataset": str(cfg.dataset.name),
         "model": str(cfg.model.name),
@@ -166,18 +278,24 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
     }
 
 
+def calibration_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The ``calibrate`` block with its defaults filled in: what a stored calibration must have been made with."""
+    settings = OmegaConf.to_container(cfg.calibrate, resolve=True)
+    settings.setdefault("count", "all")
+    return settings
+
+
 def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any,
                       prints: dict[str, str | None]) -> dict[str, Any]:
     """The stored calibration for this experiment if it matches the models (names and ``prints``, the weight
-    fingerprints of ``models_io.model_fingerprints`` that the caller already has) and the target (rate and
-    ``calibrate.count``), else a fresh one."""
+    fingerprints of ``models_io.model_fingerprints`` that the caller already has) and every ``calibrate``
+    setting (target, count, prompts, steps, tolerance, ...), else a fresh one."""
     path = calibration_path(cfg)
     if path.is_file():
         stored = json.loads(path.read_text())
         if (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights", prints),
-                stored.get("count", "all"), stored.get("target_acceptance")) == (
-                str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints,
-                str(cfg.calibrate.get("count", "all")), float(cfg.calibrate.target_acceptance)):
+                stored.get("settings")) == (str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints,
+                                            calibration_settings(cfg)):
             return stored
     result = {**calibrate_beta(cfg, generator, reward), "weights": prints}
     write_calibration(path, result)

@@ -24,7 +24,7 @@ def _number(cfg: DictConfig, key: str) -> float:
     return float(value)
 
 
-def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
+def positive_int(value: Any, key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: an integer >= {minimum}")
     return value
@@ -92,17 +92,17 @@ def validate(cfg: DictConfig) -> None:
     temperature = _number(cfg, "temperature")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ConfigError(f"temperature={cfg.temperature} is invalid; allowed: a finite number > 0")
-    _positive_int(cfg.steps, "steps")
-    _positive_int(cfg.max_new_tokens, "max_new_tokens")
-    _positive_int(cfg.batch_size, "batch_size")
+    positive_int(cfg.steps, "steps")
+    positive_int(cfg.max_new_tokens, "max_new_tokens")
+    positive_int(cfg.batch_size, "batch_size")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed!r} is invalid; allowed: an integer >= 0")
     n = cfg.dataset.get("n")
     if n is not None:
-        _positive_int(n, "dataset.n")
+        positive_int(n, "dataset.n")
 
     shard = cfg.get("shard") or {"index": 0, "count": 1}
-    count = _positive_int(shard.get("count", 1), "shard.count")
+    count = positive_int(shard.get("count", 1), "shard.count")
     index = shard.get("index", 0)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
         raise ConfigError(f"shard.index={index!r} is invalid; allowed: 0..{count - 1} for shard.count={count}")
