@@ -135,6 +135,17 @@ class ChainPairs:
         return float(math.sqrt(m / (m - 1) * np.sum((sums - rate * counts) ** 2)) / counts.sum())
 
 
+def _step_pairs(olds: list[dict[str, Any]], outs: list[dict[str, Any]]) -> tuple[np.ndarray, ...]:
+    """(Δr, |y|, |y'|, accepted, identical) of one QAlign step's proposals against the states y they were made
+    from; identical = the proposal reproduced y (``stats.identical_proposals``)."""
+    accepted = np.array([o["accepted"] for o in outs], dtype=bool)
+    unchanged = np.array([o["completion_ids"] == y["completion_ids"] for y, o in zip(olds, outs)], dtype=bool)
+    return (np.array([o["proposal_reward"] - y["reward"] for y, o in zip(olds, outs)], dtype=float),
+            np.array([len(y["completion_ids"]) for y in olds], dtype=float),
+            np.array([o["proposal_len"] for o in outs], dtype=float),
+            accepted, identical_proposals(accepted, unchanged))
+
+
 def chain_pairs(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all") -> ChainPairs:
     """Run short QAlign chains at ``ctx.beta`` from fresh ancestral starts and keep every proposal ``count``
     selects; ``count="changed"`` leaves out the proposals that reproduce the current completion (they are
@@ -142,22 +153,20 @@ def chain_pairs(ctx: RunContext, chains: list[Chain], steps: int, count: str = "
     method = QAlign({})
     for c in chains:
         c.last = None
-    rows: list[tuple[float, int, int, bool, int]] = []
+    idx = np.array([c.idx for c in chains], dtype=int)
+    kept: list[tuple[np.ndarray, ...]] = []
     for k in range(steps):
         outs = method.step(ctx, chains, k)
         if k > 0:
-            same = identical_proposals(np.array([o["accepted"] for o in outs], dtype=bool),
-                                       np.array([o["completion_ids"] == c.last["completion_ids"]
-                                                 for c, o in zip(chains, outs)], dtype=bool))
-            rows += [(o["proposal_reward"] - c.last["reward"], len(c.last["completion_ids"]), o["proposal_len"],
-                      bool(o["accepted"]), c.idx)
-                     for c, o, s in zip(chains, outs, same) if not (count == "changed" and s)]
+            delta_r, len_old, len_new, accepted, same = _step_pairs([c.last for c in chains], outs)
+            keep = ~same if count == "changed" else np.ones_like(same)
+            kept.append((delta_r[keep], len_old[keep], len_new[keep], accepted[keep], idx[keep]))
         for c, o in zip(chains, outs):
             c.last = o
-    cols = list(zip(*rows)) if rows else [[]] * 5
-    return ChainPairs(delta_r=np.array(cols[0], float), len_old=np.array(cols[1], float),
-                      len_new=np.array(cols[2], float), accepted=np.array(cols[3], bool),
-                      chain=np.array(cols[4], int))
+    if not kept:
+        kept = [(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=int))]
+    delta_r, len_old, len_new, accepted, chain = (np.concatenate(col) for col in zip(*kept))
+    return ChainPairs(delta_r=delta_r, len_old=len_old, len_new=len_new, accepted=accepted, chain=chain)
 
 
 def precision_warning(measurement: dict[str, float], max_se: float, prompts: int) -> str | None:
@@ -194,21 +203,13 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
                      max_new_tokens=int(cfg.max_new_tokens), temperature=1.0, batch_size=int(cfg.batch_size))
     # stage 1: ancestral states and one proposal each, for several proposal draws
     method = QAlign({})
-    deltas, l_old, l_new, accepted, unchanged = [], [], [], [], []
     for c in chains:
         c.last = None
     first = method.step(ctx, chains, 0)
     for c, o in zip(chains, first):
         c.last = o
-    for k in range(1, int(cfg.calibrate.pair_draws) + 1):
-        for o_old, o_new in zip(first, method.step(ctx, chains, k)):
-            deltas.append(o_new["proposal_reward"] - o_old["reward"])
-            l_old.append(len(o_old["completion_ids"]))
-            l_new.append(o_new["proposal_len"])
-            accepted.append(bool(o_new["accepted"]))
-            unchanged.append(o_new["completion_ids"] == o_old["completion_ids"])
-    delta_r, len_old, len_new = np.array(deltas), np.array(l_old, float), np.array(l_new, float)
-    identical = identical_proposals(np.array(accepted, dtype=bool), np.array(unchanged, dtype=bool))
+    draws = [_step_pairs(first, method.step(ctx, chains, k)) for k in range(1, int(cfg.calibrate.pair_draws) + 1)]
+    delta_r, len_old, len_new, _, identical = (np.concatenate(col) for col in zip(*draws))
     pick = ~identical if count == "changed" and (~identical).any() else np.ones_like(identical)
     beta = beta_for_target(delta_r[pick], len_old[pick], len_new[pick], target)
     guess = {"beta": beta, "pair_acceptance": pair_acceptance(delta_r[pick], len_old[pick], len_new[pick], beta)}
