@@ -28,6 +28,7 @@ demo: install
 	$(PY) -m qalign_repro.evaluate experiment=tiny runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.predict experiment=tiny runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.plot experiment=tiny runs=all $(OVERRIDES)
+	$(PY) -m qalign_repro.summary experiment=tiny $(OVERRIDES)
 
 # The paper's task-specific experiment in miniature (Fig. 2 style figure + table under results/).
 reproduce-tiny: install

@@ -693,7 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hidden", type=int, default=192)
     g.add_argument("--layers", type=int, default=3)
     g.add_argument("--heads", type=int, default=3, help="192/3 = head size 64, which vLLM's CPU attention supports")
-    g.add_argument("--context", type=int, default=512)
+    g.add_argument("--context", type=int, default=8192,
+                   help="max_position_embeddings: holds every bundled benchmark prompt + 800 new tokens; RoPE has "
+                        "no position table, so it does not change the trained weights")
     g.add_argument("--steps", type=int, default=1200)
     g.add_argument("--batch", type=int, default=32)
     g.add_argument("--lr", type=float, default=2e-3)

@@ -23,7 +23,7 @@ from qalign_repro.naming import run_name
         (["beta=abc"], r"beta='abc' is not a number"),
         (["steps=0"], r"steps=0 is invalid; allowed: an integer >= 1"),
         (["max_new_tokens=0"], r"max_new_tokens=0 is invalid"),
-        (["max_new_tokens=100000"], r"max_new_tokens=100000 does not fit the model context"),
+        (["model.max_context=8192", "max_new_tokens=100000"], r"max_new_tokens=100000 does not fit the model context"),
         (["temperature=0.7"], r"temperature=0.7 with method=qalign breaks exactness"),
         (["temperature=0"], r"temperature=0 is invalid"),
         (["dataset.n=0"], r"dataset.n=0 is invalid"),

@@ -238,25 +238,35 @@ def table(store_root):
     return pl.prepare(t)
 
 
+def plotted(ax) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (x, y) of every labelled series of an axes, drawn as a plain line or with error bars."""
+    out = {c.get_label(): c.lines[0].get_data() for c in ax.containers if not c.get_label().startswith("_")}
+    out.update({ln.get_label(): ln.get_data() for ln in ax.get_lines() if not ln.get_label().startswith("_")})
+    return out
+
+
 def test_figures_have_one_line_per_series(table):
     df = pl.with_metric(table, "error")
     styles = pl.series_styles(df)
-    assert set(styles) == {"QAlign (tiny)", "MV (tiny)", "WMV (tiny)", "BoN (tiny)"}
+    assert set(styles) == {"QAlign", "MV", "WMV", "BoN"}  # one model: it is in the title, not the legend
     assert len({s["color"] for s in styles.values()}) == 4
+    assert len({(s["linestyle"], s["marker"], s["filled"]) for s in styles.values()}) == 4
     fig = pl.figure_dataset(df, styles, "error", "arith")
     ax = fig.axes[0]
-    assert len(ax.get_lines()) == 4 and ax.get_xscale() == "log"
-    assert len(ax.collections) == 4  # CI bands
-    mv = next(line for line in ax.get_lines() if line.get_label() == "MV (tiny)")
-    assert mv.get_color() == styles["MV (tiny)"]["color"]
-    expected = df[(df["dataset"] == "arith") & (df["series"] == "MV (tiny)")].sort_values("n")
-    np.testing.assert_allclose(mv.get_ydata(), expected["y"])  # error = 1 - accuracy
+    assert set(plotted(ax)) == set(styles) and ax.get_xscale() == "log"
+    assert len(ax.containers) == 4  # CI whiskers, not bands
+    assert not [c for c in ax.collections if type(c).__name__ == "FillBetweenPolyCollection"]
+    assert "tiny" in ax.get_title() and "24 prompts" in ax.get_title()
+    mv = next(c for c in ax.containers if c.get_label() == "MV")
+    assert mv.lines[0].get_color() == styles["MV"]["color"]
+    expected = df[(df["dataset"] == "arith") & (df["series"] == "MV")].sort_values("n")
+    np.testing.assert_allclose(np.asarray(plotted(ax)["MV"][1], float), expected["y"])  # error = 1 - accuracy
     grid = pl.figure_grid(df, styles, "error")
     visible = [a for a in grid.axes if a.get_visible()]
     assert len(visible) == 4  # 3 datasets + their average
-    assert [len(a.get_lines()) for a in visible] == [4, 4, 4, 4]
+    assert [len(plotted(a)) for a in visible] == [4, 4, 4, 4]
     reward = pl.figure_reward(df, styles, "error")
-    assert [len(a.get_lines()) for a in reward.axes if a.get_visible()] == [4, 4, 4]
+    assert [len(plotted(a)) for a in reward.axes if a.get_visible()] == [4, 4, 4]
     for f in (fig, grid, reward):
         pl.plt.close(f)
 
@@ -299,6 +309,8 @@ def test_table1_latex_balanced_and_bold_max(table):
     wide, n_star = pl.table1(df, "accuracy")
     assert n_star == 8  # ifeval runs stop at 8, the exact-task runs at 16
     assert list(wide.columns) == ["arith", "gsm8k", "ifeval", "Avg"]
+    single, _ = pl.table1(df[df["dataset"] == "arith"], "accuracy")
+    assert list(single.columns) == ["arith"]  # an "Avg" of one dataset would only repeat it
     md, tex = pl.format_table1(wide, n_star, "accuracy")
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
@@ -379,3 +391,289 @@ def test_bad_predict_options_are_one_line_config_errors():
         with pytest.raises(ConfigError, match=word) as exc:
             PredictOptions.from_config({"predict": bad})
         assert "\n" not in str(exc.value)
+
+
+# -- issue 16 item 4: runs that differ in a config value are separate series -----------------------------------
+def _cfg(beta: float, seed: int = 0, **method) -> dict:
+    return {"beta": beta, "seed": seed, "max_new_tokens": 96, "temperature": 1.0,
+            "model": {"name": "tiny", "path": None}, "reward": {"name": "rm", "path": None},
+            "dataset": {"name": "arith", "n": 12}, "method": {"name": "qalign", **method},
+            "backend": {"name": "hf", "generator": "hf", "reward": "hf", "port": 1}, "output_root": "x",
+            "steps": 8}
+
+
+#: the run stage's diagnostics of the two shards of the β=0.1 run (6 chains x 8 states each)
+SHARD_DIAG = [{"acceptance_overall": 0.6, "identical_proposal_rate": 0.2, "chains": 6, "steps": 8},
+              {"acceptance_overall": 0.5, "identical_proposal_rate": 0.4, "chains": 6, "steps": 8}]
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """A β sweep (0.01, 0.1, 1) of QAlign, one of its runs in two shards, a seed=1 twin of β=0.1, and MV/BoN."""
+    root = tmp_path_factory.mktemp("sweep")
+    rng = np.random.default_rng(3)
+    ids = [f"arith-{p}" for p in range(12)]
+    for beta, acc_p in ((0.01, 0.2), (0.1, 0.5), (1.0, 0.9)):
+        a, c, r, _ = chain(rng, 12, 8)
+        acc = rng.random((12, 8)) < acc_p
+        acc[:, 0] = True
+        diag = {"acceptance_changed_overall": acc_p / 2}
+        if beta == 0.1:  # stored as two shards of one run: still one series
+            for k in range(2):
+                rows = list(range(k, 12, 2))
+                make_run(root, f"qa-b0.1.shard{k}of2", method="qalign", dataset="arith", beta=beta,
+                         answers=[a[i] for i in rows], correct=[c[i] for i in rows], rewards=r[rows],
+                         accepted=acc[rows], ids=[ids[i] for i in rows], config=_cfg(beta), group="qa-b0.1",
+                         shard={"index": k, "count": 2}, diagnostics=SHARD_DIAG[k])
+            make_run(root, "qa-b0.1-seed1", method="qalign", dataset="arith", beta=beta, answers=a, correct=c,
+                     rewards=r, accepted=acc, ids=ids, config=_cfg(beta, seed=1), diagnostics=diag)
+        else:
+            make_run(root, f"qa-b{beta:g}", method="qalign", dataset="arith", beta=beta, answers=a, correct=c,
+                     rewards=r, accepted=acc, ids=ids, config=_cfg(beta), diagnostics=diag)
+    a, c, r = random_exact(rng, 12, 8)
+    make_run(root, "anc", method="ancestral", dataset="arith", answers=a, correct=c, rewards=r, ids=ids,
+             config={**_cfg(1.0), "method": {"name": "ancestral"}})
+    return root
+
+
+SWEEP_RUNS = ["qa-b0.01", "qa-b0.1.shard0of2", "qa-b0.1.shard1of2", "qa-b0.1-seed1", "qa-b1", "anc"]
+
+
+def test_sweep_runs_are_separate_series_in_csv_console_table_and_figures(sweep_root, tmp_path, capsys):
+    from qalign_repro import predict as pr
+
+    table, diag = predict_runs(sweep_root, SWEEP_RUNS, PredictOptions(bootstrap=100))
+    qa_rows = table[table["rule"] == "qalign"]
+    labels = dict(zip(qa_rows["run"], qa_rows["label"]))
+    assert labels == {"qa-b0.01": "QAlign β=0.01 seed=0", "qa-b0.1": "QAlign β=0.1 seed=0",
+                      "qa-b0.1-seed1": "QAlign β=0.1 seed=1", "qa-b1": "QAlign β=1 seed=0"}
+    assert table.loc[table["run"] == "qa-b0.01", "variant"].iloc[0] == "β=0.01 seed=0"
+    assert set(table.loc[table["run"] == "anc", "label"]) == {"MV", "WMV", "BoN"}  # the only ancestral run
+    assert sorted(diag["label"]) == sorted(labels.values())
+    # the acceptance of the stored flags, and the stored "changed" acceptance, per run
+    qa = table[table["rule"] == "qalign"].drop_duplicates("run").set_index("run")
+    assert qa.loc["qa-b0.01", "acceptance"] < qa.loc["qa-b0.1", "acceptance"] < qa.loc["qa-b1", "acceptance"]
+    assert qa.loc["qa-b1", "acceptance_changed"] == pytest.approx(0.45)
+    # shards: (accepted - identical) / (proposals - identical), summed over both shards' 42 proposals each
+    assert qa.loc["qa-b0.1", "acceptance_changed"] == pytest.approx((0.4 + 0.1) / (0.8 + 0.6))
+    assert (qa["acceptance_low"] <= qa["acceptance"]).all() and (qa["acceptance"] <= qa["acceptance_high"]).all()
+    pr._print_summary(table)
+    out = capsys.readouterr().out
+    for label in set(table["label"]):
+        assert sum(line.split("n=")[0].strip() == label for line in out.splitlines()) == 1, (label, out)
+    assert "model tiny, RM rm, 12 prompts" in out
+    write_tables(table, diag, tmp_path / "predictions" / EXP, sweep_root)
+    csv = pd.read_csv(tmp_path / "predictions" / EXP / "predictions.csv")
+    assert csv.groupby("label")["run"].nunique().eq(1).all()
+    paths = pl.make_plots(pl.prepare(csv), tmp_path / "fig", tmp_path / "tab")
+    wide, _ = pl.table1(pl.with_metric(pl.prepare(csv), "accuracy"))
+    assert sorted(wide.index) == sorted(set(table["label"]))
+    assert {p.name for p in paths} >= {"beta_sweep_arith.png", "beta_sweep_arith.pdf"}
+    df = pl.with_metric(pl.prepare(csv), "accuracy")
+    styles = pl.series_styles(df)
+    fig = pl.figure_dataset(df, styles, "accuracy", "arith")
+    assert set(plotted(fig.axes[0])) == set(table["label"])
+    pl.plt.close(fig)
+    sweeps = pl.beta_sweeps(df)
+    assert set(sweeps) == {"arith"} and sorted(sweeps["arith"].groupby("sweep")["beta"].nunique()) == [3]
+    fig = pl.figure_beta_sweep(df, sweeps["arith"], styles, "accuracy", "arith")
+    ax_m, ax_a = fig.axes[:2]
+    (x, y), = [c.lines[0].get_data() for c in ax_m.containers]
+    at8 = df[(df["rule"] == "qalign") & (df["n"] == 8) & (df["variant"].str.endswith("seed=0"))].sort_values("beta")
+    np.testing.assert_allclose(np.asarray(x, float), [0.01, 0.1, 1.0])
+    np.testing.assert_allclose(np.asarray(y, float), at8["y"])
+    acc_lines = plotted(ax_a)
+    assert any("all proposals" in k for k in acc_lines) and any("current state" in k for k in acc_lines)
+    pl.plt.close(fig)
+
+
+def test_runs_differing_only_in_beta_sweep_alone_and_no_sweep_without_two_betas(sweep_root):
+    table, _ = predict_runs(sweep_root, ["qa-b0.01", "qa-b1"], PredictOptions(bootstrap=0))
+    assert sorted(set(table["label"])) == ["QAlign β=0.01", "QAlign β=1"]
+    df = pl.with_metric(pl.prepare(table), "accuracy")
+    assert set(pl.beta_sweeps(df)) == {"arith"}
+    one, _ = predict_runs(sweep_root, ["qa-b1", "anc"], PredictOptions(bootstrap=0))
+    assert set(one["label"]) == {"QAlign", "MV", "WMV", "BoN"}
+    assert pl.beta_sweeps(pl.with_metric(pl.prepare(one), "accuracy")) == {}
+
+
+def test_distinguishing_keys_and_labels():
+    from qalign_repro.predict import _label_part, distinguishing_keys
+
+    a = {"beta": 0.1, "model.name": "a", "model.path": "/m/a", "method.name": "qalign", "seed": 0}
+    b = {"beta": 0.1, "model.name": "b", "model.path": "/m/b", "method.name": "qalign", "seed": 0,
+         "method.chains": 4}
+    c = {**a, "beta": 1.0}
+    assert distinguishing_keys([a, b]) == ["model.name"]  # name differs: its path is not repeated
+    assert distinguishing_keys([a, c]) == ["beta"]
+    assert distinguishing_keys([a, {**a, "method.chains": 2}, {**a, "method.chains": 4}]) == ["method.chains"]
+    hf = {"backend.name": "hf", "backend.generator": "hf", "backend.reward": "hf"}
+    assert distinguishing_keys([hf, {"backend.name": "vllm", "backend.generator": "vllm",
+                                     "backend.reward": "vllm_pooling"}]) == ["backend.name"]
+    assert [_label_part(k, v) for k, v in [("beta", 0.005), ("method.chains", 4), ("model.path", "/x/y"),
+                                           ("backend.name", "vllm")]] == \
+        ["β=0.005", "chains=4", "model.path=y", "backend=vllm"]
+    # chains: the stored meta value, also for runs from before the option existed (then 1)
+    from qalign_repro.predict import run_identity
+    old, new = run_identity({"config": {"method": {"name": "qalign"}}}), run_identity({"chains": 4, "config": {}})
+    assert (old["method.chains"], new["method.chains"]) == (1, 4) and "chains" not in new
+
+
+# -- issue 16 item 5: figure properties a reviewer checks -----------------------------------------------------
+def _check_figure(fig, series: set[str] | None = None) -> None:
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    box = fig.bbox
+    legends = list(fig.legends) + [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    assert legends, "no legend"
+    for leg in legends:
+        e = leg.get_window_extent(r)
+        assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, e
+    seen: set[str] = set()
+    for ax in [a for a in fig.axes if a.get_visible()]:
+        assert not pl.tick_labels_overlap(ax, r), [t.get_text() for t in ax.get_xticklabels()]
+        if ax.get_ylabel().startswith(("Accuracy", "Error", "Acceptance")):
+            lo, hi = ax.get_ylim()
+            assert 0.0 <= lo < hi <= 1.0, (ax.get_ylabel(), lo, hi)
+        for t in pl.visible_tick_labels(ax) + pl.visible_tick_labels(ax, "y") + [ax.title]:
+            if t.get_visible() and t.get_text():
+                e = t.get_window_extent(r)
+                assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1, t.get_text()
+        seen |= set(plotted(ax))
+    if series is not None:
+        assert series <= seen, series - seen
+
+
+def test_every_figure_passes_the_reviewer_checks(sweep_root, store_root):
+    """Legends inside the image, accuracy/acceptance axes within [0, 1], no overlapping or cut tick labels,
+    and every series of the table drawn, for every figure of two experiments (one with a β sweep)."""
+    for root, runs in ((sweep_root, SWEEP_RUNS), (store_root, RUNS)):
+        table, _ = predict_runs(root, runs, PredictOptions(bootstrap=50))
+        df = pl.with_metric(pl.prepare(table), "accuracy")
+        styles = pl.series_styles(df)
+        with pl.plt.style.context(str(pl.STYLE_PATH)):
+            for ds in sorted(df["dataset"].unique()):
+                fig = pl.figure_dataset(df, styles, "accuracy", ds)
+                _check_figure(fig, set(df.loc[df["dataset"] == ds, "series"]))
+                pl.plt.close(fig)
+            for fig in (pl.figure_grid(df, styles, "accuracy"), pl.figure_reward(df, styles, "accuracy")):
+                _check_figure(fig, set(df["series"]))
+                pl.plt.close(fig)
+            for ds, sweep in pl.beta_sweeps(df).items():
+                fig = pl.figure_beta_sweep(df, sweep, styles, "accuracy", ds)
+                _check_figure(fig)
+                pl.plt.close(fig)
+
+
+def _points(flops, acc, series=("QAlign", "MV")) -> pd.DataFrame:
+    rows = []
+    for s, fam in zip(series, series):
+        for k, (f, a) in enumerate(zip(flops, acc)):
+            rows.append({"dataset": "d", "series": s, "family": fam, "model": "m", "reward_model": "r",
+                         "rule": fam.lower(), "n": 2**k, "n_prompts": 5, "beta": 0.5, "flops": f, "y": a,
+                         "y_low": max(0.0, a - 0.1), "y_high": min(1.0, a + 0.1), "mean_reward_selected": a})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("flops", [[3e9, 4e9, 5.5e9, 8e9], [1e6, 1e9, 1e12, 1e15, 1e18], [2.2e9, 2.3e9]])
+def test_flops_axis_labels_never_overlap(flops):
+    df = _points(flops, [0.3, 0.4, 0.5, 0.6, 0.7][: len(flops)])
+    with pl.plt.style.context(str(pl.STYLE_PATH)):
+        for fig in (pl.figure_dataset(df, pl.series_styles(df), "accuracy", "d"),
+                    pl.figure_grid(df, pl.series_styles(df), "accuracy")):
+            fig.canvas.draw()
+            ax = fig.axes[0]
+            labels = [t for t in ax.get_xticklabels() if t.get_text()]
+            assert len(labels) >= 1 and not pl.tick_labels_overlap(ax, fig.canvas.get_renderer())
+            lo, hi = ax.get_xlim()
+            assert lo <= min(flops) and max(flops) <= hi
+            pl.plt.close(fig)
+
+
+def test_all_zero_accuracy_sits_on_the_floor_of_the_unit_interval():
+    df = _points([1e9, 2e9, 4e9], [0.0, 0.0, 0.0])
+    df["y_low"] = df["y_high"] = 0.0
+    fig = pl.figure_dataset(df, pl.series_styles(df), "accuracy", "d")
+    assert fig.axes[0].get_ylim() == (0.0, 0.2)
+    pl.plt.close(fig)
+    top = _points([1e9, 2e9], [1.0, 1.0])
+    fig = pl.figure_dataset(top, pl.series_styles(top), "accuracy", "d")
+    assert fig.axes[0].get_ylim()[1] == 1.0
+    assert "model m, RM r, β=0.5, 5 prompts" in fig.axes[0].get_title()
+    pl.plt.close(fig)
+
+
+# -- issue 15 item 5: K chains per prompt, pooled -----------------------------------------------------------
+def make_chain_run(root: Path, name: str, k: int, answers, correct, rewards, accepted) -> None:
+    """A QAlign run with K chains per prompt: instance p*K + j is chain j of prompt p (arrays [P*K, steps])."""
+    n_inst, n = len(answers), len(answers[0])
+    meta = {"run_name": name, "experiment_name": EXP, "method": "qalign", "dataset": "arith", "mbr_kind": "exact",
+            "beta": 1.0, "seed": 0, "steps": n, "status": "done", "chains": k,
+            "model": {"name": "tiny", "path": None, "n_params": 1000},
+            "reward": {"name": "rm", "path": None, "n_params": 500}, "config": {}}
+    store = RunStore(root, name, create=True, meta=meta)
+    store.add_instances([{"id": f"arith-{i // k}", "chain": i % k, "idx": i, "prompt_ids": [1], "messages": [],
+                          "doc": {}} for i in range(n_inst)])
+    for s in range(n):
+        store.commit_step(s, {i: {"completion_ids": [7], "text": "x", "reward": float(rewards[i][s]),
+                                  "accepted": bool(accepted[i][s]), "index": 0, "proposal_len": 1,
+                                  "proposal_reward": 0.0, "tokens_generated": 10 * i + s, "tokens_prefilled": 1,
+                                  "tokens_cached": 0, "tokens_scored": 2, "finish_reason": "stop"}
+                              for i in range(n_inst)})
+    store.write_eval("grades", [{"id": f"arith-{i // k}", "answer": list(answers[i]),
+                                 "correct": [bool(c) for c in correct[i]], "metrics": {}} for i in range(n_inst)])
+    store.close()
+
+
+def test_k_chains_are_pooled_interleaved_with_burn_in_per_chain(tmp_path):
+    from qalign_repro import selection as sel
+
+    rng = np.random.default_rng(11)
+    p_, k, steps, burn = 10, 3, 6, 2
+    a, c, r, acc = chain(rng, p_ * k, steps)
+    make_chain_run(tmp_path, "kq", k, a, c, r, acc)
+    table, diag = predict_runs(tmp_path, ["kq"], PredictOptions(bootstrap=100, burn_in=burn))
+    assert (table["n_prompts"] == p_).all() and (table["chains"] == k).all()
+    assert sorted(table["n"]) == [8, 16, k * steps]  # budgets up to K*steps; n <= burn*K has no state left
+    tok = np.array([[10 * i + s + 1 for s in range(steps)] for i in range(p_ * k)])  # generated + prefilled
+    for n in sorted(table["n"]):
+        picked, used = [], []
+        for q in range(p_):
+            order = [(s, j) for s in range(steps) for j in range(k)][:n]  # position t = s*K + j
+            votes = Counter(a[q * k + j][s] for s, j in order if s >= burn and a[q * k + j][s] is not None)
+            win = None
+            if votes:
+                top = max(votes.values())
+                win = next(a[q * k + j][s] for s, j in order
+                           if s >= burn and a[q * k + j][s] is not None and votes[a[q * k + j][s]] == top)
+            picked.append(win == "0")
+            used.append(sum(tok[q * k + j][s] for s, j in order))
+        row = table[table["n"] == n].iloc[0]
+        assert row["accuracy"] == pytest.approx(np.mean(picked)), n
+        assert row["tokens_policy"] == pytest.approx(np.mean(used)), n  # exactly the states used, all chains
+        assert row["flops_policy"] == pytest.approx(2 * 1000 * np.mean(used))
+    assert diag["chains"].iloc[0] == k and diag["steps"].iloc[0] == steps and diag["n_prompts"].iloc[0] == p_
+    # the CI is a bootstrap over prompts (P rows), not over chains: the same as bootstrapping the P scores
+    last = table[table["n"] == k * steps].iloc[0]
+    assert last["ci_low"] <= last["accuracy"] <= last["ci_high"]
+    # explicit rules see the same pooled order: BoN at n = the best reward among the first n pooled states
+    bon, _ = predict_runs(tmp_path, ["kq"], PredictOptions(bootstrap=0, rules=("bon",), budgets=(7,)))
+    pooled_r, pooled_c = sel.pool_chains(np.asarray(r), k), sel.pool_chains(np.asarray(c, float), k)
+    for n in (1, 4, 7, k * steps):
+        best = pooled_c[np.arange(p_), np.argmax(pooled_r[:, :n], axis=1)]
+        assert bon.loc[bon["n"] == n, "accuracy"].iloc[0] == pytest.approx(best.mean()), n
+
+
+def test_chain_layout_errors_name_the_instance(tmp_path):
+    rng = np.random.default_rng(2)
+    a, c, r, acc = chain(rng, 4, 3)
+    make_chain_run(tmp_path, "bad", 2, a, c, r, acc)
+    store = RunStore(tmp_path, "bad")
+    store.update_meta(chains=3)  # 4 instances are not whole groups of 3
+    store.close()
+    with pytest.raises(DataError, match="not a multiple of its 3 chains"):
+        from qalign_repro.predict import predict_run
+        predict_run(tmp_path, "bad", PredictOptions(bootstrap=0))
+    from qalign_repro.predict import check_chain_layout
+    with pytest.raises(DataError, match=r"instance 1 is chain 0 of doc 'b'; expected chain 1 of doc 'a'"):
+        check_chain_layout([("a", 0), ("b", 0)], 2, "r")

@@ -164,3 +164,19 @@ def test_rouge_utility_equals_rouge_score(metric, dense_df, monkeypatch):
 def test_rouge_utility_rejects_unknown_metric():
     with pytest.raises(ValueError, match="rouge1"):
         sel.rouge_utility(["a"], "bleu")
+
+
+def test_pool_chains_interleaves_chain_by_chain():
+    # 2 prompts x 3 chains, 2 steps: value = 100*prompt + 10*chain + step
+    v = np.array([[100 * p + 10 * j + s for s in range(2)] for p in range(2) for j in range(3)])
+    pooled = sel.pool_chains(v, 3)
+    assert pooled.tolist() == [[0, 10, 20, 1, 11, 21], [100, 110, 120, 101, 111, 121]]
+    assert sel.pool_chains(v, 1) is v or np.array_equal(sel.pool_chains(v, 1), v)
+    # burn-in b per chain = the first b*K pooled positions
+    assert set(pooled[0, 1 * 3:] % 10) == {1}
+    texts = np.array([[f"{p}{j}{s}" for s in range(2)] for p in range(2) for j in range(3)], dtype=object)
+    assert sel.pool_chains(texts, 3)[1].tolist() == ["100", "110", "120", "101", "111", "121"]
+    with pytest.raises(ValueError, match="groups of 4"):
+        sel.pool_chains(v, 4)
+    with pytest.raises(ValueError, match="chains=0"):
+        sel.pool_chains(v, 0)

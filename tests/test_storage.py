@@ -99,3 +99,79 @@ def test_corrupted_store_gives_clear_error(tmp_path):
         (tmp_path / "runs" / "r1" / f"exp.sqlite{suffix}").unlink(missing_ok=True)
     with pytest.raises(StorageError, match="not a readable run database"):
         RunStore(tmp_path, "r1")
+
+
+# -- row checksums -----------------------------------------------------------------------------------------------
+def _rows_without_crc(store: RunStore) -> int:
+    conn = store.storage._conn(store.name)
+    return sum(conn.execute(f"SELECT count(*) FROM {t} WHERE crc IS NULL").fetchone()[0]
+               for t in ("fields", "instances", "outputs"))
+
+
+def test_every_write_path_stores_a_checksum_and_an_edit_is_named(tmp_path):
+    from qalign_repro.storage import checksum_failures
+
+    store = RunStore(tmp_path, "r1", create=True, meta={"m": 1})
+    store.add_instances([{"id": "a"}, {"id": "b"}])
+    store.commit_step(0, {0: {"text": "12"}, 1: {"text": "34"}})
+    store.commit_outputs({(0, 1): {"text": "56"}, (1, 1): {"text": "78"}, (0, 2): {"text": "90"}})
+    store.update_meta(status="running")
+    store.write_eval("grades", [{"id": "a"}, {"id": "b"}])
+    store.storage.write_subfield("r1", "extra", "k", 1)
+    store.exp.add_instance({"id": "c"}, [{"text": "x"}])  # expkit's own append path
+    conn = store.storage._conn("r1")
+    assert _rows_without_crc(store) == 0 and checksum_failures(conn) == ([], 0)
+    store.verify()
+    # one digit of a stored text: the JSON stays valid, only the checksum sees it
+    conn.execute("UPDATE outputs SET value=? WHERE idx=1 AND step=1", (json.dumps({"text": "79"}),))
+    # a state moved to another step keeps its text but not its key
+    (other,) = conn.execute("SELECT value FROM outputs WHERE idx=0 AND step=1").fetchone()
+    conn.execute("UPDATE outputs SET value=? WHERE idx=0 AND step=2", (other,))
+    assert checksum_failures(conn)[0] == [("outputs", (0, 2)), ("outputs", (1, 1))]
+    with pytest.raises(StorageError) as exc:
+        store.verify()
+    msg = str(exc.value)
+    assert "run 'r1'" in msg and "output of instance 0 at step 2, output of instance 1 at step 1" in msg
+    assert "qalign_repro.fsck" in msg and "--repair" in msg and "\n" not in msg
+
+
+_OLD_SCHEMA = """
+CREATE TABLE fields (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE instances (idx INTEGER PRIMARY KEY, input TEXT NOT NULL);
+CREATE TABLE outputs (idx INTEGER NOT NULL, step INTEGER NOT NULL, value TEXT NOT NULL, PRIMARY KEY (idx, step));
+"""
+
+
+def test_legacy_store_without_checksums_is_readable_then_migrated(tmp_path):
+    import sqlite3
+
+    from qalign_repro.fsck import inspect_store
+    from qalign_repro.storage import checksum_failures, has_checksums
+
+    db = tmp_path / "runs" / "old" / "exp.sqlite"
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.executescript(_OLD_SCHEMA)
+    conn.execute("INSERT INTO fields VALUES ('meta', ?)", (json.dumps({"status": "done"}),))
+    conn.execute("INSERT INTO instances VALUES (0, ?)", (json.dumps({"id": "a"}),))
+    conn.execute("INSERT INTO outputs VALUES (0, 0, ?)", (json.dumps({"text": "1"}),))
+    conn.commit()
+    conn.close()
+
+    old = RunStore(tmp_path, "old", readonly=True)
+    assert [i["outputs"] for i in old.iter_instances()] == [[{"text": "1"}]]
+    assert checksum_failures(old.storage._conn("old")) == ([], 3)  # unchecked, not damaged
+    old.verify()
+    old.close()
+
+    rep = inspect_store(tmp_path, "old")
+    assert not any(p.code == "checksum" for p in rep.problems)
+    assert rep.unchecked == 3 and any("legacy" in n for n in rep.notes)
+
+    store = RunStore(tmp_path, "old")  # writable open: ALTER TABLE, old rows stay NULL
+    conn = store.storage._conn("old")
+    assert all(has_checksums(conn, t) for t in ("fields", "instances", "outputs"))
+    store.commit_step(1, {0: {"text": "2"}})
+    store.update_meta(status="running")
+    assert checksum_failures(conn) == ([], 2)  # the old instance and output; meta was rewritten with its crc
+    assert store.meta == {"status": "running"} and [o["text"] for o in store.last_outputs().values()] == ["2"]

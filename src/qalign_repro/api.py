@@ -1,25 +1,34 @@
 """In-process Python API: the test-time methods without Hydra or the command line.
 
-    from qalign_repro import QAlign, CARDS, SSS, load_model, load_reward
+    from qalign_repro import QAlign, CARDS, SSS, load_model, load_reward, load_task
 
     model = load_model("tiny")            # conf/model/tiny.yaml; or a shipped asset, a folder or a hub id
     reward = load_reward("tiny")
-    records = QAlign(model, reward, beta=1.0).run(["Ann has 3 apples. She buys 2 more. How many?"], steps=8)
-    records[0][-1]["text"]                # prompt 0: the chain state after the last step
+    task = load_task("arith", n=4)        # 4 test problems, prompted in the format the tiny LM was trained on
+    result = QAlign(model, reward, beta=0.0105).run(task.docs(), steps=8, task=task)
+    print(result)                         # per prompt: final text, answer, gold; acceptance; accuracy
+    result.prompts[0].final["text"]       # prompt 0: the chain state after the last step
+    result.to_pandas()                    # one row per output: text, reward, accepted, answer, correct, ...
 
     CARDS(model, reward, beta=1.0, reward_threshold=0.5).run(prompts, steps=4)   # 4 CARDS samples per prompt
     SSS(model, reward, draft="tiny-draft").run(prompts, steps=4)                  # 4 SSS samples per prompt
 
-``run`` returns, per prompt, the list of outputs in the stored schema (``methods.base.output_record`` plus
-each method's extra fields) - the same records ``python -m qalign_repro.run`` stores. With ``output_root``
-they are also stored in a run store (``storage.RunStore``) step by step, and a second call with the same
-settings resumes or extends that run instead of starting over.
+``run`` returns an ``api_result.Result``: per prompt the list of outputs in the stored schema
+(``methods.base.output_record`` plus each method's extra fields, the same records ``python -m qalign_repro.run``
+stores; ``result[i]`` is that list, so the result also works as the list of lists earlier versions returned),
+with a task each output's answer and grade, and for chains the acceptance and MCMC diagnostics. With
+``output_root`` the outputs are also stored in a run store (``storage.RunStore``) step by step, and a second
+call with the same settings resumes or extends that run instead of starting over. β = 0.0105 is the calibrated
+β of the tiny pair (``assets/tiny-rm/calibration.json``); at β = 1 the tiny RM's small reward differences make
+every proposal acceptable and the chain ignores the RM.
 
 Nothing here samples by itself: a sampler builds the same ``RunContext`` as the run stage and calls the
 registered method's ``step`` for k = 0, 1, ..., so the API and the CLI produce identical outputs for the
-same model, prompt ids, seed and settings. Prompts are strings (one user turn) or chat message lists; prompt
+same model, prompt ids, seed and settings. Prompts are strings (one user turn), chat message lists, or with
+``task=`` that task's docs (prompted by the task, graded against their gold answers, keeping their ids); prompt
 ``i`` gets the id ``str(i)`` unless ``prompt_ids`` names them, and all randomness derives from
-``(seed, prompt id, step)``.
+``(seed, prompt id, step)``. Loading a tiny model on the CPU sets torch to one thread (``threads.py``): with one
+per core, a loaded machine made the 1-prompt x 8-step example take 86 s instead of about one.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import OmegaConf
 
@@ -36,6 +45,10 @@ from qalign_repro.cli import CONF_DIR
 from qalign_repro.errors import ConfigError, StorageError
 from qalign_repro.methods import METHODS
 from qalign_repro.methods.base import Chain, RunContext
+
+if TYPE_CHECKING:
+    from qalign_repro.api_result import Result
+    from qalign_repro.tasks import Task
 
 Messages = list[dict[str, str]]
 Prompt = str | Sequence[Mapping[str, str]]
@@ -61,6 +74,15 @@ def _backend_for(cfg: Mapping[str, Any], backend: str | None) -> str:
     return backend or ("toy" if cfg.get("name") == "toy" else "hf")
 
 
+def _tuned(backend: Any) -> Any:
+    """One torch thread for a tiny model on the CPU: with the default one per core, the README example took 86 s
+    on a loaded 2-core machine instead of ~1 s (``threads.py``)."""
+    from qalign_repro.threads import tune_cpu_threads
+
+    tune_cpu_threads(backend)
+    return backend
+
+
 def load_model(name: str | Mapping[str, Any] = "tiny", *, backend: str | None = None, device: str = "auto",
                **overrides: Any) -> Any:
     """Load a generator: ``name`` is a ``conf/model`` entry (``tiny``, ``toy``), a shipped asset
@@ -69,7 +91,7 @@ def load_model(name: str | Mapping[str, Any] = "tiny", *, backend: str | None = 
     from qalign_repro.lm import GENERATORS
 
     cfg = _model_config("model", name, overrides)
-    return GENERATORS.get(_backend_for(cfg, backend))(cfg, {"device": device})
+    return _tuned(GENERATORS.get(_backend_for(cfg, backend))(cfg, {"device": device}))
 
 
 def load_reward(name: str | Mapping[str, Any] = "tiny", *, backend: str | None = None, device: str = "auto",
@@ -78,7 +100,7 @@ def load_reward(name: str | Mapping[str, Any] = "tiny", *, backend: str | None =
     from qalign_repro.rm import REWARDS
 
     cfg = _model_config("reward", name, overrides)
-    return REWARDS.get(_backend_for(cfg, backend))(cfg, {"device": device})
+    return _tuned(REWARDS.get(_backend_for(cfg, backend))(cfg, {"device": device}))
 
 
 # -- prompts ------------------------------------------------------------------------------------------------
@@ -90,6 +112,19 @@ def as_messages(prompt: Prompt) -> Messages:
     if not msgs or not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
         raise ConfigError(f"prompt {prompt!r:.80} is neither a string nor a list of {{role, content}} messages")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def load_task(name: str = "arith", **overrides: Any) -> Task:
+    """A benchmark with its ``conf/dataset/<name>.yaml`` settings; keyword overrides replace them (``n=4``,
+    ``split="rm_train"``). Its ``docs()`` are prompts for ``Sampler.run(..., task=...)``: the models answer in
+    the format they were trained on (a free-form question makes the tiny LM babble) and get graded."""
+    from qalign_repro.tasks import get_task
+
+    path = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
+        raise ConfigError(f"task={name!r} is not a known dataset; allowed: {known}")
+    return get_task({**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **overrides})
 
 
 def _method_defaults(method: str) -> dict[str, Any]:
@@ -108,7 +143,7 @@ class Sampler:
 
     def __init__(self, model: Any, reward: Any, beta: float = 1.0, *, max_new_tokens: int | None = None,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 64, allow_inexact: bool = False,
-                 **method_cfg: Any):
+                 schedule: str = "auto", **method_cfg: Any):
         defaults = _method_defaults(self.method)
         unknown = sorted(set(method_cfg) - set(defaults))
         if unknown:
@@ -127,6 +162,14 @@ class Sampler:
         self.model, self.reward = model, reward
         self.beta, self.temperature, self.seed, self.batch_size = float(beta), float(temperature), int(seed), int(batch_size)
         self.method_cfg = {**defaults, **method_cfg}
+        if self.method_cfg.get("chains", 1) != 1:
+            raise ConfigError(f"{type(self).__name__}: chains={self.method_cfg['chains']!r}; allowed: 1 in the Python "
+                              "API (several chains per prompt: python -m qalign_repro.run method.chains=K)")
+        from qalign_repro.methods.driver import SCHEDULES
+
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={schedule!r} is not a known option; allowed: {', '.join(SCHEDULES)}")
+        self.schedule = schedule
         self.store = None  # the RunStore of the last ``run`` with an output_root
 
     def _method(self) -> Any:
@@ -134,21 +177,33 @@ class Sampler:
 
     def _settings(self) -> dict[str, Any]:
         """Everything that changes what is generated (the run name hashes it)."""
-        return {"method": self.method_cfg, "beta": self.beta, "seed": self.seed, "temperature": self.temperature,
+        method = {k: v for k, v in self.method_cfg.items() if not (k == "chains" and v == 1)}  # as before the option
+        return {"method": method, "beta": self.beta, "seed": self.seed, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens,
                 "model": {"name": getattr(self.model, "name", None), "path": str(getattr(self.model, "path", None))},
                 "reward": {"name": getattr(self.reward, "name", None), "path": str(getattr(self.reward, "path", None))}}
 
-    def run(self, prompts: Sequence[Prompt], steps: int = 1, *, prompt_ids: Sequence[str] | None = None,
-            output_root: str | Path | None = None, run_name: str | None = None,
-            progress: bool = False) -> list[list[dict[str, Any]]]:
-        """Outputs 0..steps-1 for every prompt (QAlign: the chain states; the others: independent samples)."""
+    def run(self, prompts: Sequence[Prompt | Mapping[str, Any]], steps: int = 1, *,
+            prompt_ids: Sequence[str] | None = None, task: Any = None, output_root: str | Path | None = None,
+            run_name: str | None = None, progress: bool = False) -> Result:
+        """Outputs 0..steps-1 for every prompt (QAlign: the chain states; the others: independent samples), as a
+        ``Result`` (``result[i]`` is prompt i's list of outputs). With ``task`` (a dataset name such as
+        ``"arith"``, or a ``Task``) a prompt may be one of the task's docs: it is prompted with the task's own
+        template, keeps its doc id and every output is graded against its gold answer; string and message
+        prompts then get the task's extracted answers."""
         if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
-            raise ConfigError("prompts must be a list of strings or of chat message lists")
+            raise ConfigError("prompts must be a list of strings, chat message lists or task docs")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps={steps!r}; allowed: an integer >= 1")
-        messages = [as_messages(p) for p in prompts]
-        ids = [str(i) for i in range(len(messages))] if prompt_ids is None else [str(i) for i in prompt_ids]
+        task = load_task(task) if isinstance(task, str) else task
+        docs = [dict(p) if isinstance(p, Mapping) else None for p in prompts]
+        if task is None and any(d is not None for d in docs):
+            raise ConfigError("a prompt is a mapping (a task doc?); allowed: a string or a message list, or docs "
+                              "together with task=<dataset name or Task>")
+        messages = [task.prompt(d) if d is not None else as_messages(p) for p, d in zip(prompts, docs)]
+        if prompt_ids is None:
+            prompt_ids = [str(d["id"]) if d is not None and "id" in d else str(i) for i, d in enumerate(docs)]
+        ids = [str(i) for i in prompt_ids]
         if len(ids) != len(messages) or len(set(ids)) != len(ids):
             raise ConfigError("prompt_ids must give one distinct id per prompt")
         chains = []
@@ -165,8 +220,20 @@ class Sampler:
         if output_root is None:
             records: list[list[dict[str, Any]]] = [[] for _ in chains]
             self._loop(method, ctx, chains, records, 0, steps, None, progress)
-            return records
-        return self._run_stored(method, ctx, chains, steps, Path(output_root), run_name, progress)
+            return self._result(records, chains, docs, task, None)
+        stored = self._run_stored(method, ctx, chains, steps, Path(output_root), run_name, progress)
+        return self._result(stored, chains, docs, task, self.store)
+
+    def _result(self, records: list[list[dict[str, Any]]], chains: list[Chain], docs: list[dict[str, Any] | None],
+                task: Any, store: Any) -> Result:
+        from qalign_repro.api_result import PromptResult, Result, grade_outputs
+
+        prompts = [PromptResult(prompt_id=c.prompt_id, messages=c.messages, outputs=r, doc=d,
+                                grades=None if task is None else grade_outputs(task, d, r),
+                                gold=None if task is None or d is None else str(task.gold(d)))
+                   for c, r, d in zip(chains, records, docs)]
+        return Result(method=self.method, kind=METHODS.get(self.method).kind, beta=self.beta, prompts=prompts,
+                      task=None if task is None else getattr(task, "name", None), store=store)
 
     def _run_stored(self, method: Any, ctx: RunContext, chains: list[Chain], steps: int, root: Path,
                     run_name: str | None, progress: bool) -> list[list[dict[str, Any]]]:
@@ -200,18 +267,22 @@ class Sampler:
             store.update_meta(status="done", steps_done=store.steps_done())
         return [r[:steps] for r in records]
 
-    @staticmethod
-    def _loop(method: Any, ctx: RunContext, chains: list[Chain], records: list[list[dict[str, Any]]], start: int,
-              steps: int, store: Any, progress: bool) -> None:
-        from tqdm.auto import tqdm
+    def _loop(self, method: Any, ctx: RunContext, chains: list[Chain], records: list[list[dict[str, Any]]],
+              start: int, steps: int, store: Any, progress: bool) -> None:
+        """The run stage's step driver (``methods/driver.py``): the same schedules, so the API and the CLI store
+        identical outputs."""
+        from qalign_repro.methods.driver import drive
 
-        for k in tqdm(range(start, steps), initial=start, total=steps, desc=method.name, disable=not progress):
-            outputs = method.step(ctx, chains, k)
+        for c in chains:
+            c.done = len(records[c.idx])
+
+        def commit(group: dict[tuple[int, int], dict[str, Any]]) -> None:
             if store is not None:
-                store.commit_step(k, {c.idx: o for c, o in zip(chains, outputs)})
-            for c, o in zip(chains, outputs):
-                c.last = o
-                records[c.idx].append(o)
+                store.commit_outputs(group)
+            for (idx, _k), out in sorted(group.items(), key=lambda kv: kv[0][1]):
+                records[idx].append(out)
+
+        drive(method, ctx, chains, steps, commit, schedule=self.schedule, progress=progress, desc=method.name)
 
 
 class Ancestral(Sampler):
@@ -267,4 +338,4 @@ class SSS(Sampler):
         return METHODS.get(self.method)(self.method_cfg, draft=self._draft, draft_ref=self._draft_ref)
 
 
-__all__ = ["Ancestral", "CARDS", "QAlign", "SSS", "Sampler", "as_messages", "load_model", "load_reward"]
+__all__ = ["Ancestral", "CARDS", "QAlign", "SSS", "Sampler", "as_messages", "load_model", "load_reward", "load_task"]

@@ -146,23 +146,47 @@ def _step_pairs(olds: list[dict[str, Any]], outs: list[dict[str, Any]]) -> tuple
             accepted, identical_proposals(accepted, unchanged))
 
 
-def chain_pairs(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all") -> ChainPairs:
+def _drive_outputs(method: Any, ctx: RunContext, chains: list[Chain], steps: int, start: int = 0,
+                   schedule: str = "auto") -> dict[tuple[int, int], dict[str, Any]]:
+    """Outputs ``start..steps-1`` of every chain through the run stage's step driver (kept in memory)."""
+    from qalign_repro.methods.driver import drive
+
+    outputs: dict[tuple[int, int], dict[str, Any]] = {}
+    for c in chains:
+        c.done = start
+    drive(method, ctx, chains, steps, outputs.update, schedule=schedule)
+    return outputs
+
+
+class _ProposalsFrom(QAlign):
+    """Independent QAlign proposals (k = 1, 2, ...) all made from one fixed state per chain: the closed-form
+    first guess needs (state, proposal) pairs from ancestral states, not a chain."""
+
+    kind = "samples"
+
+    def __init__(self, states: dict[int, dict[str, Any]]):
+        super().__init__({})
+        self.states = states
+
+    def propose(self, ctx: RunContext, chain: Chain, k: int, state: dict[str, Any] | None = None) -> Any:
+        return super().propose(ctx, chain, k, self.states[chain.idx])
+
+
+def chain_pairs(ctx: RunContext, chains: list[Chain], steps: int, count: str = "all",
+                schedule: str = "auto") -> ChainPairs:
     """Run short QAlign chains at ``ctx.beta`` from fresh ancestral starts and keep every proposal ``count``
     selects; ``count="changed"`` leaves out the proposals that reproduce the current completion (they are
     accepted at every β, see ``stats.identical_proposals``)."""
-    method = QAlign({})
     for c in chains:
         c.last = None
+    outs = _drive_outputs(QAlign({}), ctx, chains, steps, schedule=schedule)
     idx = np.array([c.idx for c in chains], dtype=int)
     kept: list[tuple[np.ndarray, ...]] = []
-    for k in range(steps):
-        outs = method.step(ctx, chains, k)
-        if k > 0:
-            delta_r, len_old, len_new, accepted, same = _step_pairs([c.last for c in chains], outs)
-            keep = ~same if count == "changed" else np.ones_like(same)
-            kept.append((delta_r[keep], len_old[keep], len_new[keep], accepted[keep], idx[keep]))
-        for c, o in zip(chains, outs):
-            c.last = o
+    for k in range(1, steps):
+        olds = [outs[(c.idx, k - 1)] for c in chains]
+        delta_r, len_old, len_new, accepted, same = _step_pairs(olds, [outs[(c.idx, k)] for c in chains])
+        keep = ~same if count == "changed" else np.ones_like(same)
+        kept.append((delta_r[keep], len_old[keep], len_new[keep], accepted[keep], idx[keep]))
     if not kept:
         kept = [(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=int))]
     delta_r, len_old, len_new, accepted, chain = (np.concatenate(col) for col in zip(*kept))
@@ -202,13 +226,15 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
     ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed) + 7919, beta=1.0,
                      max_new_tokens=int(cfg.max_new_tokens), temperature=1.0, batch_size=int(cfg.batch_size))
     # stage 1: ancestral states and one proposal each, for several proposal draws
-    method = QAlign({})
+    schedule = str(cfg.get("schedule", "auto"))
     for c in chains:
         c.last = None
-    first = method.step(ctx, chains, 0)
-    for c, o in zip(chains, first):
-        c.last = o
-    draws = [_step_pairs(first, method.step(ctx, chains, k)) for k in range(1, int(cfg.calibrate.pair_draws) + 1)]
+    start = _drive_outputs(QAlign({}), ctx, chains, 1, schedule=schedule)
+    first = [start[(c.idx, 0)] for c in chains]
+    n_draws = int(cfg.calibrate.pair_draws)
+    proposals = _drive_outputs(_ProposalsFrom({c.idx: o for c, o in zip(chains, first)}), ctx, chains,
+                               n_draws + 1, start=1, schedule=schedule)
+    draws = [_step_pairs(first, [proposals[(c.idx, k)] for c in chains]) for k in range(1, n_draws + 1)]
     delta_r, len_old, len_new, _, identical = (np.concatenate(col) for col in zip(*draws))
     pick = ~identical if count == "changed" and (~identical).any() else np.ones_like(identical)
     beta = beta_for_target(delta_r[pick], len_old[pick], len_new[pick], target)
@@ -223,7 +249,7 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
     lo, hi = None, None
     for _ in range(int(cfg.calibrate.iterations)):
         ctx.beta = beta
-        pairs = chain_pairs(ctx, chains, steps, count)
+        pairs = chain_pairs(ctx, chains, steps, count, schedule)
         rate = pairs.expected(beta)
         history.append({"beta": beta, "chain_acceptance": rate, "chain_acceptance_se": pairs.standard_error(beta),
                         "observed_acceptance": pairs.observed(), "proposals": int(pairs.delta_r.size)})
@@ -290,17 +316,49 @@ def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any,
                       prints: dict[str, str | None]) -> dict[str, Any]:
     """The stored calibration for this experiment if it matches the models (names and ``prints``, the weight
     fingerprints of ``models_io.model_fingerprints`` that the caller already has) and every ``calibrate``
-    setting (target, count, prompts, steps, tolerance, ...), else a fresh one."""
+    setting (target, count, prompts, steps, tolerance, ...), else a matching one shipped in the reward model's
+    folder (``shipped_calibration``), else a fresh one."""
     path = calibration_path(cfg)
     if path.is_file():
         stored = json.loads(path.read_text())
-        if (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights", prints),
-                stored.get("settings")) == (str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints,
-                                            calibration_settings(cfg)):
+        if _matches({"weights": prints, **stored}, cfg, prints):  # one from before fingerprints: adopted
             return stored
+    shipped = shipped_calibration(cfg, prints)
+    if shipped is not None:
+        return shipped
     result = {**calibrate_beta(cfg, generator, reward), "weights": prints}
     write_calibration(path, result)
     return result
+
+
+def _matches(stored: dict[str, Any], cfg: DictConfig, prints: dict[str, str | None]) -> bool:
+    """Made for these model names, dataset, weight fingerprints and ``calibrate`` settings."""
+    return (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights"),
+            stored.get("settings")) == (str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints,
+                                        calibration_settings(cfg))
+
+
+#: the file in a reward model's folder that holds calibrations shipped with it (``scripts/ship_calibration.py``)
+SHIPPED_FILE = "calibration.json"
+
+
+def shipped_calibration(cfg: DictConfig, prints: dict[str, str | None]) -> dict[str, Any] | None:
+    """A calibration shipped in the reward model's folder (``calibration.json``: ``{"calibrations": [...]}``)
+    that matches this config and these weights, marked with ``shipped: <file>``; None otherwise. Why: the
+    demo should not spend 1.5 min calibrating the shipped models on every run, and a stored fingerprint makes
+    retrained or swapped weights fall back to a fresh calibration instead of a stale β."""
+    node = OmegaConf.to_container(cfg.reward, resolve=True)
+    if (node.get("path") is None and not node.get("asset")) or not all(prints.values()):
+        return None
+    from qalign_repro.models_io import resolve_model_path
+
+    file = Path(resolve_model_path(node, "reward")) / SHIPPED_FILE
+    if not file.is_file():
+        return None
+    for entry in json.loads(file.read_text()).get("calibrations", []):
+        if _matches(entry, cfg, prints):
+            return {**entry, "shipped": str(file)}
+    return None
 
 
 def write_calibration(path: Path, result: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qalign_repro import naming  # noqa: F401  registers ${model_label:} (model configs name the loaded model)
 from qalign_repro.errors import (
     BackendRequestError,
     BackendUnavailableError,
@@ -82,9 +83,10 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from qalign_repro.config import validate
+    from qalign_repro.config import remember_typed, validate
 
     overrides = list(overrides or [])
+    remember_typed(overrides)  # errors then show numbers as typed (steps=1e3, not 1000.0)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -115,6 +117,11 @@ def _user_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+#: Hydra flags that print (the config, help, info) and exit: they must not create the output folder
+_PRINT_ONLY = frozenset({"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve",
+                         "--shell-completion", "-sc"})
+
+
 def preflight(argv: list[str]) -> None:
     """Compose + validate the CLI overrides; exit 2 with one line on any problem."""
     if "-m" in argv or "--multirun" in argv:
@@ -122,7 +129,8 @@ def preflight(argv: list[str]) -> None:
         return
     try:
         cfg = compose_config(_user_overrides(argv))
-        check_output_root(Path(str(cfg.output_root)))
+        if not any(a in _PRINT_ONLY or a.startswith(("--cfg=", "--info=")) for a in argv):
+            check_output_root(Path(str(cfg.output_root)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -154,11 +162,29 @@ def entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
             raise SystemExit(2) from None
 
     def main() -> None:
-        preflight(sys.argv[1:])
-        _hydra_main()
+        try:
+            preflight(sys.argv[1:])
+            _hydra_main()
+        except KeyboardInterrupt:
+            interrupted()
 
     main.__doc__ = fn.__doc__
     return main
+
+
+#: the shell's exit status for a process ended by SIGINT (128 + 2)
+INTERRUPTED_EXIT = 130
+
+
+def interrupted() -> None:
+    """Ctrl-C: one line instead of a traceback, and exit 130. Every stage writes in transactions, so what was
+    stored before the interrupt is whole; the line says how far it got (``progress_note``) and how to go on."""
+    from qalign_repro import progress_note
+
+    done = progress_note.last()
+    print(f"interrupted{f' after {done}' if done else ''}; the stored data are intact; rerun the same command "
+          "to resume", file=sys.stderr, flush=True)
+    raise SystemExit(INTERRUPTED_EXIT)
 
 
 def select_runs(cfg: DictConfig) -> list[str]:
@@ -179,8 +205,17 @@ def select_runs(cfg: DictConfig) -> list[str]:
             )
         return [name]
     if spec == "all":
-        picked = [n for n in existing
-                  if RunStore(root, n, readonly=True).meta.get("experiment_name") == cfg.experiment_name]
+        experiments = {n: RunStore(root, n, readonly=True).meta.get("experiment_name") for n in existing}
+        picked = [n for n, e in experiments.items() if e == cfg.experiment_name]
+        if not picked:
+            counts: dict[str, int] = {}
+            for e in experiments.values():
+                counts[str(e)] = counts.get(str(e), 0) + 1
+            held = ", ".join(f"{e} ({k} run{'s' * (k > 1)})" for e, k in sorted(counts.items())) or "none"
+            raise StorageError(
+                f"runs=all matches no run of experiment_name={cfg.experiment_name} under {root}/runs (runs=all "
+                f"takes every run of experiment_name; the runs there belong to: {held}); allowed: "
+                "experiment_name=<one of those> (or the experiment=... you ran with), or runs='[<glob>]'")
     else:
         patterns = [spec] if isinstance(spec, str) else list(OmegaConf.to_container(spec))
         picked = [n for n in existing if any(fnmatch.fnmatch(n, p) for p in patterns)]

@@ -24,9 +24,35 @@ def _number(cfg: DictConfig, key: str) -> float:
     return float(value)
 
 
+#: the command line's values as typed (key -> text): Hydra parses ``steps=1e3`` to 1000.0, and an error that
+#: says "steps=1000.0 is invalid" names a value the user never wrote
+_TYPED: dict[str, str] = {}
+
+
+def remember_typed(overrides: list[str]) -> None:
+    """Record the override texts of the config about to be validated (cli.compose_config)."""
+    _TYPED.clear()
+    for o in overrides:
+        key, sep, text = o.partition("=")
+        if sep:
+            _TYPED[key.lstrip("+~")] = text
+
+
+def shown(key: str, value: Any) -> str:
+    """``key=value`` for a message, the number as the user typed it when it came from the command line."""
+    typed = _TYPED.get(key)
+    if typed is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            if float(typed) == float(value):
+                return f"{key}={typed}"
+        except ValueError:
+            pass
+    return f"{key}={value!r}"
+
+
 def positive_int(value: Any, key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: an integer >= {minimum}")
+        raise ConfigError(f"{shown(key, value)} is invalid; allowed: an integer >= {minimum}")
     return value
 
 
@@ -88,15 +114,21 @@ def validate(cfg: DictConfig) -> None:
     if cfg.beta != "auto":
         beta = _number(cfg, "beta")
         if not math.isfinite(beta) or beta <= 0:
-            raise ConfigError(f"beta={cfg.beta} is invalid; allowed: a finite number > 0, or auto")
+            raise ConfigError(f"{shown('beta', cfg.beta)} is invalid; allowed: a finite number > 0, or auto")
     temperature = _number(cfg, "temperature")
     if not math.isfinite(temperature) or temperature <= 0:
-        raise ConfigError(f"temperature={cfg.temperature} is invalid; allowed: a finite number > 0")
+        raise ConfigError(f"{shown('temperature', cfg.temperature)} is invalid; allowed: a finite number > 0")
     positive_int(cfg.steps, "steps")
     positive_int(cfg.max_new_tokens, "max_new_tokens")
     positive_int(cfg.batch_size, "batch_size")
+    schedule = cfg.get("schedule", "auto")
+    if schedule not in ("auto", "lockstep", "async"):
+        raise ConfigError(f"schedule={schedule!r} is not a known option; allowed: auto, lockstep, async")
+    for key in ("in_flight", "rm_batch"):
+        if cfg.get(key) is not None:
+            positive_int(cfg.get(key), key)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError(f"seed={cfg.seed!r} is invalid; allowed: an integer >= 0")
+        raise ConfigError(f"{shown('seed', cfg.seed)} is invalid; allowed: an integer >= 0")
     n = cfg.dataset.get("n")
     if n is not None:
         positive_int(n, "dataset.n")
@@ -109,6 +141,12 @@ def validate(cfg: DictConfig) -> None:
 
     _check_name("method", cfg.method.name)
     _check_method_options(cfg)
+    if schedule == "async":
+        from qalign_repro.methods import METHODS
+
+        if not METHODS.get(str(cfg.method.name)).per_request:
+            raise ConfigError(f"schedule=async needs a method that makes one request per output; method="
+                              f"{cfg.method.name} runs batched steps only; allowed: schedule=lockstep or schedule=auto")
     _check_name("dataset", cfg.dataset.name)
     _check_name("backend.generator", cfg.backend.generator)
     _check_name("backend.reward", cfg.backend.reward)

@@ -3,6 +3,7 @@ sample size of the reward trace, and a burn-in estimate. Printed after ``run`` a
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,13 @@ from qalign_repro.storage import RunStore
 
 
 def run_diagnostics(store: RunStore) -> dict[str, Any]:
+    return chain_diagnostics(inst["outputs"] for inst in store.iter_instances())
+
+
+def chain_diagnostics(chains: Iterable[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """The diagnostics of chains given as their output lists (the API's results have no store)."""
     accepted, unchanged, rewards, suffix = [], [], [], []
-    for inst in store.iter_instances():
-        outs = inst["outputs"]
+    for outs in chains:
         accepted.append([o["accepted"] for o in outs])
         ids = [o.get("completion_ids") for o in outs]
         unchanged.append([False] + [a is not None and a == b for a, b in zip(ids[1:], ids[:-1])])

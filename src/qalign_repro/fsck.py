@@ -6,13 +6,18 @@ reads the SQLite file read-only, inside one read transaction (a consistent snaps
 active), and verifies:
 
 * the database itself (``PRAGMA quick_check``, schema, meta present);
+* every row's checksum (``storage.row_checksum``): an edit that keeps the JSON valid, one digit of a text or
+  of a token id, fails here; rows of stores from before checksums are counted as "unchecked (legacy)";
 * instances: indices 0..n-1, unique string ids, the ids recorded in meta (``doc_ids``);
 * steps: every instance's outputs are numbered 0..k-1 without gaps, and all instances hold the same number
   (commits are whole steps);
 * every output: the stored schema, finite rewards, non-negative integer token counts, completion and
   proposal length <= ``max_new_tokens``, ``tokens_cached <= tokens_prefilled``, a non-empty completion; and
-  for qalign/ancestral (one sample per output) ``tokens_generated <= proposal_len`` and the chain rules (a
-  rejected state repeats the previous one, an accepted one is its proposal);
+  for qalign/ancestral (one sample per output) ``tokens_generated <= proposal_len``; the method's own chain
+  rules where its module defines ``transition_errors(prev, cur)`` (QAlign: an accepted state shares
+  ``y[:index]`` with the previous state and is its proposal, a rejected one repeats it); and
+  ``text == decode(completion_ids)`` with the run's tokenizer only (shipped asset or local model folder from
+  the stored meta; no model weights are loaded, no hub is contacted);
 * meta vs config: ``config_hash`` recomputed from ``meta.config``, the run name the config gives, the copied
   fields (seed, max_new_tokens, method), ``steps_done`` not ahead of the data;
 * evals: one entry per instance, same ids, per-output lists no longer than the stored steps.
@@ -27,19 +32,27 @@ instances) are reported and the store is left alone. Exit status: 0 clean, 1 pro
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qalign_repro.errors import StorageError
-from qalign_repro.storage import DB_NAME, RunLock, check_run_name
+from qalign_repro.storage import (
+    DB_NAME,
+    RunLock,
+    add_checksum_columns,
+    check_run_name,
+    checksum_failures,
+    put_field,
+)
 
 #: fields every output record must hold (DESIGN.md, "Storage schema")
 REQUIRED_FIELDS = ("completion_ids", "text", "reward", "accepted", "index", "proposal_len",
@@ -85,6 +98,11 @@ class Report:
     #: eval fields that do not align with the instances (or would not after truncation)
     bad_evals: set[str] = field(default_factory=set)
     evals: list[str] = field(default_factory=list)
+    #: rows whose checksum fails, as (table, key); and rows without one (a store from before checksums)
+    damaged: set[tuple[str, tuple[Any, ...]]] = field(default_factory=set)
+    unchecked: int = 0
+    #: what could not be checked, and why (printed, never a problem)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -160,36 +178,69 @@ def check_output(out: Any, max_new: int | None) -> list[str]:
     return bad
 
 
-def check_transition(method: str, step: int, prev: Mapping[str, Any] | None, out: Mapping[str, Any]) -> list[str]:
-    """The method's bookkeeping between consecutive states (only for methods whose rules are known)."""
+def transition_hook(method: str) -> Callable[[Mapping[str, Any] | None, Mapping[str, Any]], list[str]] | None:
+    """The method module's ``transition_errors(prev, cur)``, or None when the method defines no chain rules."""
+    from qalign_repro.methods import METHODS
+
+    try:
+        cls = METHODS.get(method)
+    except ValueError:  # an unknown method name: nothing method-specific to check
+        return None
+    return getattr(sys.modules.get(cls.__module__), "transition_errors", None)
+
+
+def check_transition(method: str, step: int, prev: Mapping[str, Any] | None, out: Mapping[str, Any],
+                     hook: Callable[..., list[str]] | None = None) -> list[str]:
+    """The bookkeeping between consecutive states: generic one-sample rules, then the method's own ``hook``
+    (``transition_hook(method)``; ``prev`` is None for state 0)."""
     bad: list[str] = []
     # one sample per output: what was generated is (the suffix of) the proposal. Not a rule for methods that
     # count discarded tokens too (CARDS rejects chunks, SSS drops particles).
-    if out["tokens_generated"] > out["proposal_len"]:
+    if method in CHAIN_METHODS and out["tokens_generated"] > out["proposal_len"]:
         bad.append(f"tokens_generated={out['tokens_generated']} > proposal_len={out['proposal_len']}")
-    if method == "ancestral" or (method == "qalign" and step == 0):
+    if method == "ancestral":  # ancestral.py defines no transition_errors yet: its rule stays here
         if out["accepted"] is not True or out["index"] != 0:
             bad.append("an independent sample must have accepted=true and index=0")
         if out["proposal_len"] != len(out["completion_ids"]):
             bad.append(f"proposal_len={out['proposal_len']} differs from the completion length "
                        f"{len(out['completion_ids'])}")
-        return bad
-    if method != "qalign" or prev is None:
-        return bad
-    if out["index"] >= len(prev["completion_ids"]):
-        bad.append(f"index={out['index']} is outside the previous state (length {len(prev['completion_ids'])})")
-    if out["proposal_len"] != out["index"] + out["tokens_generated"]:
-        bad.append(f"proposal_len={out['proposal_len']} != index + tokens_generated "
-                   f"({out['index']} + {out['tokens_generated']})")
-    if out["accepted"]:
-        if len(out["completion_ids"]) != out["proposal_len"]:
-            bad.append("accepted state differs in length from its proposal")
-        if "proposal_reward" in out and out["reward"] != out["proposal_reward"]:
-            bad.append("accepted state's reward differs from its proposal's reward")
-    elif (out["completion_ids"], out["text"], out["reward"]) != (prev["completion_ids"], prev["text"],
-                                                                   prev["reward"]):
-        bad.append("rejected step does not repeat the previous state")
+    if hook is not None:
+        bad.extend(hook(prev if step else None, out))
     return bad
+
+
+@functools.lru_cache(maxsize=4)
+def _local_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    """One load per process (campaigns check a store after every kill); never from the network."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def run_decoder(meta: Mapping[str, Any]) -> tuple[Callable[[list[int]], str] | None, str | None]:
+    """``(decode, None)`` with the run's tokenizer, or ``(None, why not)``: only the tokenizer is loaded, from
+    the shipped asset or a local folder (the stored ``meta.model.path`` first, else ``meta.config.model``), and
+    never from a hub (``local_files_only``), so fsck stays fast and offline."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    backend = config.get("backend") if isinstance(config.get("backend"), dict) else {}
+    if backend.get("generator") == "toy":  # the toy LM's "tokenizer" is its letter table
+        from qalign_repro.lm.toy import ToyGenerator
+
+        return ToyGenerator(model).decode, None
+    stored = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    path = stored.get("path")
+    try:
+        if not path or not Path(str(path)).is_dir():
+            from qalign_repro.models_io import resolve_model_path
+
+            path = resolve_model_path(model, "model")
+        tok = _local_tokenizer(str(path), bool(model.get("trust_remote_code", False)))
+    except Exception as exc:  # noqa: BLE001 - any failure only means this one check is skipped, and said so
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        return None, f"text vs completion_ids not checked: the run's tokenizer ({path or model.get('name')}) " \
+                     f"is not available locally ({type(exc).__name__}: {first})"
+    return (lambda ids: tok.decode(ids, skip_special_tokens=True)), None
 
 
 # -- the store -------------------------------------------------------------------------------------------------
@@ -254,34 +305,46 @@ def _iter_outputs(conn: sqlite3.Connection) -> Iterator[tuple[int, list[tuple[in
 
 def _check_instances(rep: Report, conn: sqlite3.Connection, meta: Mapping[str, Any]) -> list[str]:
     ids: list[str] = []
+    keys: list[str] = []
     for pos, (idx, raw) in enumerate(conn.execute("SELECT idx, input FROM instances ORDER BY idx")):
         if idx != pos:
             rep.add("instances", f"instance indices are not 0..n-1 (found {idx} at position {pos})")
+        if ("instances", (idx,)) in rep.damaged:  # inputs are not derived data: truncation cannot restore them
+            rep.add("checksum", "input fails its checksum (changed outside the pipeline)", instance=idx)
         try:
             inp = _loads(raw)
         except ValueError:
             rep.add("instances", "input is not valid JSON", instance=idx)
             ids.append("")
+            keys.append("")
             continue
         if not isinstance(inp, dict) or not isinstance(inp.get("id"), str):
             rep.add("instances", "input has no string 'id'", instance=idx)
             ids.append("")
+            keys.append("")
             continue
         if "idx" in inp and inp["idx"] != idx:
             rep.add("instances", f"input.idx={inp['idx']!r} differs from the row index", instance=idx)
+        # K chains of one prompt (method.chains) share its doc id; (id, chain) is the instance's identity
         ids.append(inp["id"])
-    if len(set(ids)) != len(ids):
+        keys.append(inp["id"] if "chain" not in inp else f"{inp['id']}#chain{inp['chain']}")
+    if len(set(keys)) != len(keys):
         rep.add("instances", "instance ids are not unique")
+    k = int(meta.get("chains", 1) or 1)
     doc_ids = meta.get("doc_ids")
-    if doc_ids is not None and ids and list(doc_ids) != ids:
+    if doc_ids is not None and k > 1:
+        doc_ids = [f"{d}#chain{j}" for d in doc_ids for j in range(k)]
+    if doc_ids is not None and ids and list(doc_ids) != keys:
         rep.add("instances", f"instances {ids[:3]}... differ from meta.doc_ids {list(doc_ids)[:3]}...")
     rep.n_instances = len(ids)
     return ids
 
 
-def _check_outputs(rep: Report, conn: sqlite3.Connection, meta: Mapping[str, Any]) -> None:
+def _check_outputs(rep: Report, conn: sqlite3.Connection, meta: Mapping[str, Any],
+                   decode: Callable[[list[int]], str] | None = None) -> None:
     max_new = meta.get("max_new_tokens") if _is_count(meta.get("max_new_tokens")) else None
     method = str(meta.get("method", ""))
+    hook = transition_hook(method) if method else None
     valid_prefix: dict[int, int] = {}
     known = set(range(rep.n_instances))
     for idx, rows in _iter_outputs(conn):
@@ -296,16 +359,25 @@ def _check_outputs(rep: Report, conn: sqlite3.Connection, meta: Mapping[str, Any
                 rep.add("step-gap", f"steps are not contiguous: expected step {pos}, found {step}",
                         instance=idx, step=pos, repairable=True)
                 break
+            if ("outputs", (idx, step)) in rep.damaged:
+                rep.add("checksum", "output fails its checksum (changed outside the pipeline)", instance=idx,
+                        step=step, repairable=True)
+                break
             try:
                 out = _loads(raw)
             except ValueError:
                 rep.add("record", "output is not valid JSON", instance=idx, step=step, repairable=True)
                 break
             bad = check_output(out, max_new)
-            if not bad and method in CHAIN_METHODS:
-                bad = check_transition(method, step, prev, out)
+            if not bad and (method in CHAIN_METHODS or hook is not None):
+                bad = check_transition(method, step, prev, out, hook)
             if bad:
                 rep.add("record", "; ".join(bad), instance=idx, step=step, repairable=True)
+                break
+            new_state = prev is None or (out["completion_ids"], out["text"]) != (prev["completion_ids"], prev["text"])
+            if decode is not None and new_state and decode(out["completion_ids"]) != out["text"]:
+                rep.add("text", "text differs from decode(completion_ids) with the run's tokenizer", instance=idx,
+                        step=step, repairable=True)
                 break
             prev, prefix = out, pos + 1
         valid_prefix[idx] = prefix
@@ -313,7 +385,9 @@ def _check_outputs(rep: Report, conn: sqlite3.Connection, meta: Mapping[str, Any
         rep.step_counts.setdefault(idx, 0)
         valid_prefix.setdefault(idx, 0)
     counts = {rep.step_counts[i] for i in known}
-    if len(counts) > 1:
+    # chains advance on their own (the async schedule), so while a run is in progress its instances may hold
+    # different numbers of steps; a finished run holds the same number everywhere
+    if len(counts) > 1 and meta.get("status") == "done":
         lo, hi = min(counts), max(counts)
         short = [i for i in sorted(known) if rep.step_counts[i] == lo][:5]
         rep.add("partial-step", f"instances hold different numbers of steps ({lo}..{hi}; e.g. instances {short} "
@@ -325,6 +399,10 @@ def _check_evals(rep: Report, conn: sqlite3.Connection, ids: list[str]) -> None:
     steps = rep.consistent_steps
     for name, raw in conn.execute("SELECT name, value FROM fields WHERE name LIKE 'eval\\_%' ESCAPE '\\'"):
         rep.evals.append(name)
+        if ("fields", (name,)) in rep.damaged:  # derived data: repair drops it and evaluate recomputes it
+            rep.add("checksum", f"{name} fails its checksum (changed outside the pipeline)", repairable=True)
+            rep.bad_evals.add(name)
+            continue
         try:
             value = _loads(raw)
         except ValueError:
@@ -377,6 +455,15 @@ def inspect_store(root: str | os.PathLike, name: str) -> Report:
         if missing:
             rep.add("database", f"not a run store: missing table(s) {sorted(missing)}")
             return rep
+        damaged, rep.unchecked = checksum_failures(conn)
+        rep.damaged = set(damaged)
+        for table, key in damaged:
+            if table == "fields" and not str(key[0]).startswith("eval_"):
+                rep.add("checksum", f"field {key[0]!r} fails its checksum (changed outside the pipeline; "
+                                    "truncation cannot restore it)")
+        if rep.unchecked:
+            rep.notes.append(f"{rep.unchecked} row(s) unchecked: a legacy store from before row checksums "
+                             "(rows written from now on carry one)")
         row = conn.execute("SELECT value FROM fields WHERE name='meta'").fetchone()
         meta: Any = None
         if row is None:
@@ -393,7 +480,10 @@ def inspect_store(root: str | os.PathLike, name: str) -> Report:
                 meta = None
         meta = meta or {}
         ids = _check_instances(rep, conn, meta)
-        _check_outputs(rep, conn, meta)
+        decode, why = run_decoder(meta) if meta else (None, None)
+        if why:
+            rep.notes.append(why)
+        _check_outputs(rep, conn, meta, decode)
         stored_steps = min(rep.step_counts.values()) if rep.step_counts else 0
         if meta:
             _meta_checks(rep, meta, stored_steps)
@@ -450,6 +540,7 @@ def repair_store(root: str | os.PathLike, name: str) -> tuple[Report, Path | Non
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN IMMEDIATE")
             try:
+                add_checksum_columns(conn)  # a legacy store: the rewritten meta gets its checksum
                 conn.execute("DELETE FROM outputs WHERE step >= ?", (keep,))
                 for ev in sorted(rep.bad_evals):
                     conn.execute("DELETE FROM fields WHERE name=?", (ev,))
@@ -463,9 +554,8 @@ def repair_store(root: str | os.PathLike, name: str) -> tuple[Report, Path | Non
                         meta["repaired"] = {"truncated_to_steps": keep, "backup": backup.name,
                                             "dropped_evals": sorted(rep.bad_evals),
                                             "at": time.strftime("%Y-%m-%d %H:%M:%S")}
-                        conn.execute("UPDATE fields SET value=? WHERE name='meta'",
-                                     (json.dumps(meta, ensure_ascii=False, separators=(",", ":"),
-                                                 allow_nan=False),))
+                        put_field(conn, "meta", json.dumps(meta, ensure_ascii=False, separators=(",", ":"),
+                                                           allow_nan=False))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -490,12 +580,14 @@ def _print_report(rep: Report) -> None:
     steps = min(rep.step_counts.values()) if rep.step_counts else 0
     if rep.ok:
         print(f"run {rep.name}: ok ({rep.n_instances} instances x {steps} steps, evals: {len(rep.evals)})")
-        return
-    print(f"run {rep.name}: {len(rep.problems)} problem(s)")
-    for p in rep.problems[:MAX_LISTED]:
-        print(f"  {p}")
-    if len(rep.problems) > MAX_LISTED:
-        print(f"  ... and {len(rep.problems) - MAX_LISTED} more")
+    else:
+        print(f"run {rep.name}: {len(rep.problems)} problem(s)")
+        for p in rep.problems[:MAX_LISTED]:
+            print(f"  {p}")
+        if len(rep.problems) > MAX_LISTED:
+            print(f"  ... and {len(rep.problems) - MAX_LISTED} more")
+    for note in rep.notes:
+        print(f"  note: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,13 @@
-"""Resolving model locations: a shipped asset, a local folder or a hub id (users with internet)."""
+"""Resolving model locations (a shipped asset, a local folder or a hub id) and the checks every local backend runs
+on a folder before loading its weights, kept here so that the hf and vllm backends refuse the same folders with
+the same line."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,9 @@ def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
             raise ConfigError(f"{what}.path={path} has no tokenizer files (tokenizer.json / "
                               "tokenizer.model); allowed: an HF-format model folder with its tokenizer")
         return str(p)
+    from qalign_repro.hub_access import offline_reason
+
+    offline_reason()  # a hub id: decide once whether the hub answers; offline, from_pretrained reads the cache only
     return str(path)
 
 
@@ -72,6 +79,119 @@ def model_fingerprints(cfg: Any) -> dict[str, str | None]:
         if node.get("path") is not None or node.get("asset"):
             prints[what] = weights_fingerprint(resolve_model_path(node, what))
     return prints
+
+
+#: config.json keys that hold a model's number of positions (Llama & most: the first; GPT-2: the second; ...)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+#: what each role needs, for the one-line refusals
+ROLES = {"lm": "a causal LM (config.json architectures ending in ForCausalLM)",
+         "rm": "a sequence classifier with one label (architectures ending in ForSequenceClassification, "
+               "num_labels 1)"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a backend knows about a model folder before it loads any weight."""
+
+    config: dict[str, Any]
+    #: the model's number of positions (None when its config names none)
+    positions: int | None
+    #: the context the backend enforces (prompt + completion): ``max_context`` of the config, else the positions
+    max_context: int
+
+
+def read_model_config(path: str, what: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """config.json of a local folder (read as JSON: no weights, no model code), else ``AutoConfig`` for a hub id."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        try:
+            config = json.loads(local.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{what}.path={path}: config.json is not readable JSON ({type(exc).__name__}); "
+                              "allowed: an HF-format model folder") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{what}.path={path}: config.json holds a {type(config).__name__}, not an object; "
+                              "allowed: an HF-format model folder")
+        return config
+    from transformers import AutoConfig
+
+    return load_pretrained(AutoConfig, path, what, trust_remote_code=trust_remote_code).to_dict()
+
+
+def _auto_names(kind: str) -> set[str]:
+    """Class names transformers' Auto class for ``kind`` builds (e.g. GPT2LMHeadModel for a causal LM)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    table = (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if kind == "lm"
+             else auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    names: set[str] = set()
+    for v in table.values():
+        names.update([v] if isinstance(v, str) else v)
+    return names
+
+
+def num_labels(config: Mapping[str, Any]) -> int:
+    """Labels as transformers counts them: ``id2label`` wins, then ``num_labels``; a config without either is the
+    2-label default (transformers writes ``id2label`` only when it differs from that default)."""
+    if config.get("id2label"):
+        return len(config["id2label"])
+    return int(config.get("num_labels") or 2)
+
+
+def check_architecture(config: Mapping[str, Any], path: str, what: str, kind: str) -> None:
+    """Refuse, before any weight loads, a folder that is not what its role needs: an RM loaded as the policy
+    "works" (transformers drops its head and adds a random LM head) and only produces garbage."""
+    archs = [str(a) for a in (config.get("architectures") or [])]
+    suffix = "ForCausalLM" if kind == "lm" else "ForSequenceClassification"
+    fits = any(a.endswith(suffix) for a in archs) or bool(set(archs) & _auto_names(kind))
+    if not archs and kind == "lm":  # no architectures recorded: trust the model type's causal-LM class
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        fits = config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not fits:
+        found = ", ".join(archs) or f"no architectures, model_type {config.get('model_type')!r}"
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            found = f"a sequence classifier / reward model ({found})"
+        elif any(a.endswith("ForCausalLM") for a in archs):
+            found = f"a causal LM ({found})"
+        raise ConfigError(f"{what}.path={path} is {found}, not {ROLES[kind].split(' (')[0]}; allowed: {ROLES[kind]}")
+    if kind == "rm" and num_labels(config) != 1:
+        raise ConfigError(f"{what}.path={path} has num_labels={num_labels(config)}; allowed: 1 (a scalar RM)")
+
+
+def model_positions(config: Mapping[str, Any]) -> int | None:
+    for node in (config, config.get("text_config") or {}):
+        for key in POSITION_KEYS:
+            value = node.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def context_length(cfg: Mapping[str, Any], config: Mapping[str, Any], path: str, what: str) -> int:
+    """``{what}.max_context``, refused above the model's positions unless ``{what}.allow_long_context`` is set
+    (positions past training give untrained outputs; with RoPE nothing else stops them); else the positions."""
+    positions = model_positions(config)
+    wanted = cfg.get("max_context")
+    if wanted is None:
+        return positions or 2048
+    if positions is not None and int(wanted) > positions and not cfg.get("allow_long_context", False):
+        raise ConfigError(
+            f"{what}.max_context={wanted} exceeds the {positions} positions of {path}; allowed: "
+            f"{what}.max_context <= {positions}, or {what}.allow_long_context=true to use positions the model was "
+            "not trained on")
+    return int(wanted)
+
+
+def inspect_model(cfg: Mapping[str, Any], path: str, what: str, kind: str) -> ModelSpec:
+    """The checks every local backend runs before loading weights: the architecture fits the role (``kind``:
+    ``lm`` or ``rm``) and the configured context fits the model's positions."""
+    if kind not in ROLES:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(ROLES)}")
+    config = read_model_config(path, what, bool(cfg.get("trust_remote_code", False)))
+    check_architecture(config, path, what, kind)
+    return ModelSpec(config=config, positions=model_positions(config),
+                     max_context=context_length(cfg, config, path, what))
 
 
 def load_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:

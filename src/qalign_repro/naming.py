@@ -2,6 +2,12 @@
 
 ``steps`` is left out on purpose: rerunning with a larger ``steps`` extends the same chains instead of
 starting over. Output locations, progress bars and later-stage settings are left out too.
+
+Names and labels come from the model actually loaded: a model/reward config names itself with
+``name: ${model_label:<name>[,<its own path>]}``, which gives ``<name>`` while the config's own model is used
+(``path`` null = its shipped asset, or the path it was written for) and the folder's / hub repo's name when
+``model.path`` points elsewhere; an explicit ``model.name=...`` replaces the interpolation and wins. A config with
+a literal ``name`` (e.g. ``task_bt_rm``, whose path is always the user's) keeps it for any path.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 GENERATION_KEYS = ("model", "reward", "dataset", "method", "backend", "beta", "seed", "max_new_tokens",
                    "temperature")
 
+
+#: model / reward keys that describe a model without changing what it generates (left out of the hash)
+MODEL_NON_IDENTITY = ("trained_on", "allow_long_context")
 
 #: backend keys that change the generated data; URLs, ports, retries, timeouts, concurrency and memory settings
 #: do not, so changing them (e.g. a server restarted on another port) resumes the same run
@@ -27,7 +38,27 @@ def generation_config(cfg: DictConfig) -> dict:
     out = {k: full[k] for k in GENERATION_KEYS if k in full}
     if isinstance(out.get("backend"), dict):
         out["backend"] = {k: out["backend"].get(k) for k in BACKEND_IDENTITY}
+    for what in ("model", "reward"):
+        if isinstance(out.get(what), dict):
+            out[what] = {k: v for k, v in out[what].items() if k not in MODEL_NON_IDENTITY}
+    if isinstance(out.get("method"), dict) and out["method"].get("chains", 1) == 1:
+        out["method"] = {k: v for k, v in out["method"].items() if k != "chains"}  # one chain: as before the option
     return out
+
+
+def model_label(name: str, own_path: str | None = None, *, _parent_: Any) -> str:
+    """The ``${model_label:...}`` resolver: ``name`` while the config's own model is loaded, else the name of
+    the folder (or hub repo) ``path`` points to, so that a run on other weights is never named after the
+    config's model."""
+    path = _parent_.get("path")
+    if path is None or str(path) == str(own_path) or str(path) == "???":
+        return str(name)
+    p = Path(str(path)).expanduser()
+    return p.name or p.resolve().name or str(path)
+
+
+if not OmegaConf.has_resolver("model_label"):
+    OmegaConf.register_new_resolver("model_label", model_label)
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -50,6 +50,8 @@ PLAN_DEFAULTS: dict[str, Any] = {
     "tokens_per_s": 2500.0,
     "prefill_tokens_per_s": 25000.0,
     "rm_tokens_per_s": 25000.0,
+    # share of the decode throughput an async run keeps (measured on vLLM by `make bench-cost`, docs/performance.md)
+    "async_occupancy": 0.9,
     "output": None,
     "max_measured_prompts": 5000,   # tokenise at most this many prompts per stage (a seeded subset beyond)
 }
@@ -74,6 +76,8 @@ class Lengths:
     #: measured completion lengths (independent samples), when there are any: the QAlign suffix model uses
     #: their distribution instead of assuming every completion has exactly L tokens
     length_samples: tuple[int, ...] = ()
+    #: (figure, why) for each figure that is an estimate rather than measured: "prompts", "P", "L"
+    estimates: tuple[tuple[str, str], ...] = ()
 
 
 def suffix_model(lengths: Lengths) -> tuple[float, float]:
@@ -132,22 +136,42 @@ def calibration_tokens(cal: Mapping[str, Any], lengths: Lengths) -> tuple[dict[s
 
 
 # -- measuring lengths -------------------------------------------------------------------------------------------
+#: tokenizers by (path, trust_remote_code): a recipe's stages share two or three models, each loaded once
+_TOKENIZERS: dict[tuple[str, bool], tuple[Any | None, str]] = {}
+
+
 def _load_tokenizer(cfg_node: Mapping[str, Any], what: str) -> tuple[Any | None, str]:
     """The real tokenizer of a model/RM config node, or None with the reason it could not be had."""
+    if cfg_node.get("path") is None and not cfg_node.get("asset"):
+        return None, f"{what} has no path"
+    try:
+        from qalign_repro.models_io import resolve_model_path
+
+        path = resolve_model_path(cfg_node, what)
+    except Exception as exc:  # noqa: BLE001 - a broken local folder: the plan falls back to an estimate
+        return None, f"{what} tokenizer unavailable ({type(exc).__name__})"
+    trust = bool(cfg_node.get("trust_remote_code", False))
+    if (path, trust) not in _TOKENIZERS:
+        _TOKENIZERS[path, trust] = _fetch_tokenizer(path, trust)
+    tok, note = _TOKENIZERS[path, trust]
+    return tok, f"{what} {note}"
+
+
+def _fetch_tokenizer(path: str, trust: bool) -> tuple[Any | None, str]:
+    from qalign_repro.hub_access import offline_reason
+
+    offline = None if Path(path).is_dir() else offline_reason()  # a hub id: decide offline once, then fail fast
     try:
         from transformers import AutoTokenizer
 
-        from qalign_repro.models_io import resolve_model_path
-
-        if cfg_node.get("path") is None and not cfg_node.get("asset"):
-            return None, f"{what} has no path"
-        path = resolve_model_path(cfg_node, what)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(cfg_node.get("trust_remote_code", False)))
-        if not getattr(tok, "chat_template", None):
-            return None, f"{what} tokenizer has no chat template"
-        return tok, f"{what} tokenizer"
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except Exception as exc:  # noqa: BLE001 - offline, gated, missing: the plan falls back to an estimate
-        return None, f"{what} tokenizer unavailable ({type(exc).__name__})"
+        if offline:
+            return None, "tokenizer not in the local HF cache (hub offline)"
+        return None, f"tokenizer unavailable ({type(exc).__name__})"
+    if not getattr(tok, "chat_template", None):
+        return None, "tokenizer has no chat template"
+    return tok, "tokenizer"
 
 
 def _chat_len(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> int:
@@ -161,12 +185,17 @@ def _estimate_len(messages: list[dict[str, str]]) -> float:
 
 
 def _stage_docs(cfg: DictConfig) -> tuple[Any | None, list[dict] | None, str]:
+    from qalign_repro.hub_access import offline_reason
     from qalign_repro.tasks import get_task
 
+    offline = offline_reason() if cfg.dataset.get("source") == "hub" else None
     try:
         task = get_task(OmegaConf.to_container(cfg.dataset, resolve=True))
         return task, task.docs(), "docs"
     except Exception as exc:  # noqa: BLE001 - hub dataset offline: fall back to sizes
+        if offline:
+            hub = cfg.dataset.get("hub") or {}
+            return None, None, f"hub dataset {hub.get('id')} not in the local HF cache (hub offline)"
         return None, None, f"docs unavailable ({type(exc).__name__}: {str(exc)[:80]})"
 
 
@@ -220,10 +249,17 @@ def _pilot(cfg: DictConfig, plan: Mapping[str, Any], prompts: list[list[int]], m
     reps = int(plan["pilot_samples"])
     ids = [prompts[j] for j in range(k_prompts) for _ in range(reps)]
     seeds = [derive_seed(int(cfg.seed) + 1_000_003, f"plan-pilot:{j}", r) for j in range(k_prompts) for r in range(reps)]
-    comps = []
-    for s in range(0, len(ids), int(cfg.batch_size)):
-        comps += gen.sample(ids[s:s + int(cfg.batch_size)], [int(cfg.max_new_tokens)] * len(ids[s:s + int(cfg.batch_size)]),
-                            seeds[s:s + int(cfg.batch_size)], temperature=float(cfg.temperature))
+    # independent samples in bulk, through the step driver's engine layer (continuous where the backend is)
+    from qalign_repro.lm.engine import Request, engine_for
+
+    engine = engine_for(gen, int(cfg.batch_size), float(cfg.temperature), continuous=True)
+    for j, (p, s) in enumerate(zip(ids, seeds)):
+        engine.submit(Request(key=j, prompt_ids=p, max_tokens=int(cfg.max_new_tokens), seed=s))
+    finished: dict[int, Any] = {}
+    while engine.in_flight():
+        finished.update(engine.wait())
+    engine.close()
+    comps = [finished[j] for j in range(len(ids))]
     lens = [len(c.token_ids) for c in comps]
     rm = None
     if rm_tok is not None:
@@ -239,6 +275,7 @@ def measure_lengths(cfg: DictConfig, plan: Mapping[str, Any], n_override: int | 
     dataset = str(cfg.dataset.name)
     task, docs, doc_note = _stage_docs(cfg)
     notes = []
+    estimates: list[tuple[str, str]] = []
     if docs is not None:
         if n_override is not None:
             docs = docs[:n_override]
@@ -246,6 +283,7 @@ def measure_lengths(cfg: DictConfig, plan: Mapping[str, Any], n_override: int | 
     else:
         n = int(n_override or cfg.dataset.get("n") or KNOWN_SIZES.get(dataset, 0))
         notes.append(f"{doc_note}; {n} prompts assumed")
+        estimates.append(("prompts", doc_note))
         if n <= 0:
             raise DataError(f"the plan cannot size dataset {dataset!r}: its docs cannot be loaded and dataset.n is null")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -275,6 +313,7 @@ def measure_lengths(cfg: DictConfig, plan: Mapping[str, Any], n_override: int | 
         prompt_ids = []
         p = (sum(_estimate_len(m) for m in messages) / len(messages)) if messages else 200.0
         notes.append(f"P: estimate ({tok_note or doc_note})" if messages else "P: estimate 200 (no docs)")
+        estimates.append(("P", (tok_note or doc_note) if messages else doc_note))
     if rm_tok is not None and messages:
         rm_prompt = sum(_chat_len(rm_tok, _conv(m, ""), False) for m in messages) / len(messages)
     else:
@@ -300,10 +339,12 @@ def measure_lengths(cfg: DictConfig, plan: Mapping[str, Any], n_override: int | 
     else:
         length = _completion_estimate(plan, dataset)
         notes.append(f"L: estimate {length:g}")
+        estimates.append(("L", "no stored runs of the model on the dataset" if source == "runs"
+                          else f"plan.measure={source}"))
     if not rm_tokens:
         rm_tokens = rm_prompt + length
     return Lengths(n_prompts=n, prompt_tokens=p, completion_tokens=length, rm_tokens=rm_tokens,
-                   source="; ".join(notes), length_samples=tuple(samples))
+                   source="; ".join(notes), length_samples=tuple(samples), estimates=tuple(estimates))
 
 
 def _render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -356,6 +397,9 @@ def plan_options(cfg: DictConfig, own: Sequence[str]) -> dict[str, Any]:
         value = opts[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"plan.{key}={value!r} is invalid; allowed: a number > 0")
+    occ = opts["async_occupancy"]
+    if isinstance(occ, bool) or not isinstance(occ, (int, float)) or not 0 < occ <= 1:
+        raise ConfigError(f"plan.async_occupancy={occ!r} is invalid; allowed: a number in (0, 1]")
     return opts
 
 
@@ -377,9 +421,51 @@ def recipe_stages(cfg: DictConfig, base: Sequence[str]) -> list[StagePlan]:
     return stages
 
 
-def _gpu_hours(tokens: Mapping[str, float], opts: Mapping[str, Any], cached_prefill: bool) -> float:
+def expected_max(samples: Sequence[float], batch: int) -> float:
+    """E[max of ``batch`` draws with replacement] from an empirical distribution (closed form over its CDF)."""
+    xs = sorted(float(x) for x in samples)
+    k = len(xs)
+    return sum(x * ((j / k) ** batch - ((j - 1) / k) ** batch) for j, x in enumerate(xs, start=1))
+
+
+def suffix_samples(lengths: Lengths, n: int = 4000) -> list[float]:
+    """Lengths of regenerated QAlign suffixes drawn from the measured completion lengths (a seeded Monte Carlo of
+    ``suffix_model``'s assumptions: state and continuation distributed like independent samples)."""
+    import numpy as np
+
+    xs = np.asarray(sorted(int(x) for x in lengths.length_samples if int(x) > 0))
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        y = int(xs[rng.integers(len(xs))])
+        i = int(rng.integers(y))
+        longer = xs[xs > i]
+        out.append(float(longer[rng.integers(len(longer))] - i))
+    return out
+
+
+def occupancy(method: str, schedule: str, lengths: Lengths, batch: int, max_new: int, continuous: bool,
+              opts: Mapping[str, Any]) -> tuple[float, str]:
+    """The share of the engine's decode throughput a stage gets, and why.
+
+    Lock-step (and bulk submission on an engine without continuous batching, e.g. hf): a call of ``batch``
+    sequences lasts as long as its longest, so the engine does mean/E[max] of the work it could: computed from the
+    measured length distribution (QAlign: the regenerated suffixes), else L / max_new_tokens (some sequence of a
+    large batch runs to the limit). Async on an engine that batches continuously (vLLM, servers): every live chain
+    keeps a request in the engine, ``plan.async_occupancy`` (measured by ``make bench-cost``)."""
+    if schedule == "async" and continuous:
+        return float(opts["async_occupancy"]), "async, continuous batching (plan.async_occupancy)"
+    if lengths.length_samples:
+        draws = suffix_samples(lengths) if method == "qalign" else [float(x) for x in lengths.length_samples]
+        mean = sum(draws) / len(draws)
+        return min(1.0, mean / max(expected_max(draws, batch), 1e-9)), f"lock-step, mean/E[max] of {batch}"
+    return min(1.0, lengths.completion_tokens / max(max_new, 1)), "lock-step, L / max_new_tokens"
+
+
+def _gpu_hours(tokens: Mapping[str, float], opts: Mapping[str, Any], cached_prefill: bool,
+               occupied: float = 1.0) -> float:
     prefill = tokens["tokens_prefilled"] - (tokens["tokens_cached"] if cached_prefill else 0.0)
-    seconds = (tokens["tokens_generated"] / float(opts["tokens_per_s"])
+    seconds = (tokens["tokens_generated"] / (float(opts["tokens_per_s"]) * max(occupied, 1e-3))
                + prefill / float(opts["prefill_tokens_per_s"])
                + tokens["tokens_scored"] / float(opts["rm_tokens_per_s"]))
     return seconds / 3600.0
@@ -401,6 +487,19 @@ def n_params(node: Mapping[str, Any], what: str) -> float:
         return math.nan
 
 
+def params_estimate(node: Mapping[str, Any]) -> str | None:
+    """Why ``n_params`` of this model is not counted from its weights, or None when it is."""
+    for key in ("n_params_plan", "n_params"):
+        if node.get(key):
+            from qalign_repro.hub_access import offline_reason
+
+            path = node.get("path")
+            local = path is None or Path(str(path)).expanduser().is_dir()
+            offline = None if local else offline_reason()
+            return f"the configs' {key}, not the weights" + (" (hub offline)" if offline else "")
+    return None if math.isfinite(n_params(node, "model")) else "unknown: FLOPs left empty"
+
+
 def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
     """The plan table (one row per stage plus a total) and the options it used."""
     from qalign_repro.cli import compose_config
@@ -409,6 +508,7 @@ def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str
     backend = str((cfg.get("recipe") or {}).get("backend") or cfg.backend.name)
     cached_prefill = backend == "vllm"
     rows = []
+    estimates: list[tuple[str, str]] = []  # (figure, why) of every stage: render() sums them up in one line
     for st in recipe_stages(cfg, overrides):
         scfg = compose_config(list(st.overrides))
         batch = int(scfg.batch_size)
@@ -425,6 +525,17 @@ def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str
             steps = int(scfg.steps)
             tokens = expected_tokens(method, steps, lengths)
         p_pol, p_rm = n_params(scfg.model, "model"), n_params(scfg.reward, "reward")
+        estimates.extend(lengths.estimates)
+        estimates.extend(("params", why) for node in (scfg.model, scfg.reward)
+                         if (why := params_estimate(node)) is not None)
+        sched = str(scfg.get("schedule", "auto"))
+        from qalign_repro.methods import METHODS
+
+        per_request = METHODS.get(method).per_request
+        mode = "async" if sched == "async" or (sched == "auto" and per_request) else "lockstep"
+        continuous = str(scfg.backend.generator) in ("vllm", "openai")
+        occupied, occ_why = occupancy(method, mode, lengths, min(batch, max(lengths.n_prompts, 1)),
+                                      int(scfg.max_new_tokens), continuous, opts)
         calls = steps * math.ceil(lengths.n_prompts / batch)
         flops_pol = 2 * p_pol * (tokens["tokens_prefilled"] + tokens["tokens_generated"])
         flops_pol_cached = flops_pol - 2 * p_pol * tokens["tokens_cached"]
@@ -436,7 +547,8 @@ def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str
             "prompt_tokens": lengths.prompt_tokens, "completion_tokens": lengths.completion_tokens,
             **tokens,
             "flops_policy": flops_pol, "flops_policy_cached": flops_pol_cached, "flops_rm": flops_rm,
-            "flops": flops_pol + flops_rm, "gpu_hours": _gpu_hours(tokens, opts, cached_prefill),
+            "flops": flops_pol + flops_rm, "gpu_hours": _gpu_hours(tokens, opts, cached_prefill, occupied),
+            "schedule": mode, "occupancy": occupied, "occupancy_source": occ_why,
             "source": lengths.source,
         })
     table = pd.DataFrame(rows)
@@ -446,6 +558,7 @@ def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str
     table = pd.concat([table, pd.DataFrame([{"stage": "total", "label": "", **total}])], ignore_index=True)
     opts["cached_prefill"] = cached_prefill
     opts["backend"] = backend
+    opts["estimates"] = estimates
     return table, opts
 
 
@@ -476,6 +589,7 @@ def render(table: pd.DataFrame, opts: Mapping[str, Any]) -> str:
         "RM tokens": table["tokens_scored"].map(lambda v: _fmt(v, "sci")),
         "FLOPs": table["flops"].map(lambda v: _fmt(v, "sci")),
         "FLOPs (prefix cache)": (table["flops_policy_cached"] + table["flops_rm"]).map(lambda v: _fmt(v, "sci")),
+        "occupancy": table.get("occupancy").map(lambda v: "" if pd.isna(v) else f"{float(v):.2f}"),
         "GPU-h": table["gpu_hours"].map(lambda v: f"{float(v):.2f}"),
     }).fillna("")
     lines = [view.to_markdown(index=False), ""]
@@ -484,13 +598,44 @@ def render(table: pd.DataFrame, opts: Mapping[str, Any]) -> str:
                  "plan.prefill_tokens_per_s, plan.rm_tokens_per_s); prompt prefill "
                  + ("served from the prefix cache after the first step (vLLM)." if opts.get("cached_prefill")
                     else "recomputed every step (no prefix cache with this backend)."))
+    lines.append("Decode time = generated tokens / (plan.tokens_per_s x occupancy): lock-step calls last as long as their "
+                 "longest sequence (occupancy = mean / expected longest of a batch, from the length distribution); "
+                 "async runs on vLLM or a server keep every chain's request in the engine "
+                 f"(plan.async_occupancy={float(opts['async_occupancy']):g}).")
     lines.append("QAlign steps regenerate the suffix after a uniform cut: (L+1)/2 tokens for a fixed length L (paper, "
                  "Appendix D: ≈ L/2), from the measured length distribution when there is one. The calibration row "
                  "is an upper bound. FLOPs = 2 · parameters · tokens (policy prefill + decode, RM scoring).")
     lines.append("Where P (prompt tokens) and L (completion tokens) come from:")
     for _, row in table[table["stage"] != "total"].iterrows():
         lines.append(f"  - {row['stage']} {row['label']} / {row['dataset']}: {row['source']}")
+    lines.append(estimates_line(opts.get("estimates") or [], int((table["stage"] != "total").sum())))
     return "\n".join(lines)
+
+
+#: what an estimated figure is replaced by
+_ESTIMATED = {"prompts": "prompt counts (dataset.n or the benchmark's known size)",
+              "P": f"P ({CHARS_PER_TOKEN:g} characters per token + {TEMPLATE_TOKENS} template tokens)",
+              "L": "L (plan.completion_tokens)", "params": "parameter counts"}
+
+
+def estimates_line(estimates: Sequence[tuple[str, str]], n_stages: int) -> str:
+    """One line naming every estimated figure, in how many stages, and why (a reader must know which numbers
+    to distrust before booking GPU-hours on them)."""
+    if not estimates:
+        return "Estimates: none; every figure comes from the tokenizers, the docs, stored runs or the weights."
+    whys: dict[str, dict[str, int]] = {}
+    for figure, why in estimates:
+        counts = whys.setdefault(figure, {})
+        counts[why] = counts.get(why, 0) + 1
+    parts = []
+    for figure, counts in whys.items():
+        stages = max(counts.values()) if figure == "params" else sum(counts.values())
+        where = "" if figure == "params" else f" in {min(stages, n_stages)} of {n_stages} stages"
+        parts.append(f"{_ESTIMATED.get(figure, figure)}{where} ({'; '.join(counts)})")
+    from qalign_repro.hub_access import known_offline_reason
+
+    offline = known_offline_reason()
+    return "Estimates: " + "; ".join(parts) + (f"; the hub is offline: {offline}" if offline else "") + "."
 
 
 def main(argv: list[str] | None = None) -> None:

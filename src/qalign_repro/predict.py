@@ -16,6 +16,17 @@ prompt's pool instead of the stored "first n" (column ``order``: ``first`` or ``
 order. The shards of a sharded run (``shards.group_runs``) are pooled into one run in the original prompt
 order, so they give the numbers of the unsharded run.
 
+Series: runs whose stored configs differ in any value that changes the data or its scoring (``run_identity``:
+β, model, RM, method options, max_new_tokens, temperature, seed, dataset options, backend) are separate series;
+``variant`` holds the differing values and ``label`` = method name + variant ("QAlign β=0.005"), so a sweep
+never merges into one line. Shards of one run share one identity.
+
+K chains per prompt (``meta["chains"] = K``; instance ``p*K + j`` is chain j of prompt p): budget n counts
+outputs of all chains, taken chain by chain (pooled position ``t = k*K + j``, ``selection.pool_chains``), so
+n runs up to ``K * steps``; burn-in drops each chain's first ``burn_in`` states (the first ``burn_in * K``
+pooled positions); CIs resample prompts, never chains; FLOPs count exactly the states used. Acceptance, ESS and
+the burn-in estimate are per chain.
+
 RM cost: a reward-free rule (``mv``, ``mbr``) on an ancestral run is charged no RM FLOPs; every other
 combination is (QAlign, CARDS and SSS call the RM while generating).
 
@@ -28,6 +39,7 @@ Outputs (rerunning gives byte-identical files):
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import sqlite3
@@ -54,13 +66,14 @@ RM_RULES = ("wmv", "bon", "wmbr", "qalign")
 #: paper names: MBR over base-model samples is still called MV (paper §4.2), its weighted form WMV
 FAMILY = {"mv": "MV", "mbr": "MV", "wmv": "WMV", "wmbr": "WMV", "bon": "BoN", "qalign": "QAlign"}
 COLUMNS = [
-    "experiment", "dataset", "run", "method", "model", "reward_model", "rule", "family", "label", "order",
-    "n", "n_prompts", "burn_in", "selection_beta", "metric", "prefix_cache",
+    "experiment", "dataset", "run", "method", "model", "reward_model", "rule", "family", "label", "variant",
+    "order", "n", "n_prompts", "chains", "burn_in", "beta", "selection_beta", "metric", "prefix_cache",
     "tokens_policy", "tokens_cached", "tokens_rm", "flops_policy", "flops_rm", "flops",
-    "accuracy", "ci_low", "ci_high", "invalid_rate", "mean_reward_selected",
+    "accuracy", "ci_low", "ci_high", "ci_level", "invalid_rate", "mean_reward_selected",
+    "acceptance", "acceptance_low", "acceptance_high", "acceptance_changed",
 ]
-DIAG_COLUMNS = ["experiment", "dataset", "run", "model", "n_prompts", "steps", "acceptance_rate",
-                "ess_reward_median", "burn_in_estimate", "burn_in_used"]
+DIAG_COLUMNS = ["experiment", "dataset", "run", "label", "model", "beta", "n_prompts", "chains", "steps",
+                "acceptance_rate", "acceptance_changed", "ess_reward_median", "burn_in_estimate", "burn_in_used"]
 FLOAT_FORMAT = "%.10g"
 
 
@@ -141,7 +154,9 @@ def rules_for(method: str, mbr_kind: str, opts: PredictOptions) -> tuple[str, ..
 # -- reading one run ------------------------------------------------------------------------------------------
 @dataclass
 class RunData:
-    """Compact per-output arrays of one run, ``[prompts, samples]``."""
+    """Compact per-output arrays of one run. ``codes``, ``score``, ``reward`` and ``tokens`` are pooled per
+    prompt, ``[prompts, chains * samples]`` (``selection.pool_chains``); ``accepted`` and ``chain_reward`` stay
+    per chain, ``[prompts * chains, samples]``, because acceptance, ESS and burn-in are properties of a chain."""
 
     codes: np.ndarray
     score: np.ndarray
@@ -150,6 +165,12 @@ class RunData:
     tokens: dict[str, np.ndarray]
     #: MBR-type rule -> chosen indices ``[orders, prompts, budgets]`` (computed while streaming)
     mbr_index: dict[str, np.ndarray] = field(default_factory=dict)
+    chain_reward: np.ndarray | None = None
+    chains: int = 1
+
+    def __post_init__(self) -> None:
+        if self.chain_reward is None:
+            self.chain_reward = self.reward
 
 
 def _grade_scores(g: Mapping[str, Any], metric: str | None, n: int, where: str) -> np.ndarray:
@@ -212,9 +233,48 @@ def iter_output_fields(store: RunStore, n: int, fields: Sequence[str]
         conn.close()
 
 
+def run_chains(meta: Mapping[str, Any], name: str) -> int:
+    """Chains per prompt of a run (``meta["chains"]``, absent = 1)."""
+    k = meta.get("chains", 1)
+    if k is None:
+        return 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DataError(f"run {name!r} has chains={k!r} in its meta; allowed: an integer >= 1")
+    return k
+
+
+def _chain_layout(store: RunStore, chains: int) -> list[tuple[Any, Any]]:
+    """``(doc id, chain)`` of every instance, in order (only read when a run has several chains)."""
+    from qalign_repro.storage import SQLiteStorage
+
+    path = store.storage.path(store.name) if isinstance(store.storage, SQLiteStorage) else None
+    if path is not None and path.is_file():
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        try:
+            return conn.execute("SELECT json_extract(input, '$.id'), json_extract(input, '$.chain') "
+                                "FROM instances ORDER BY idx").fetchall()
+        finally:
+            conn.close()
+    return [(i.get("id"), i.get("chain")) for i in store.inputs()]
+
+
+def check_chain_layout(layout: Sequence[tuple[Any, Any]], chains: int, name: str) -> None:
+    """The pooling assumes instance ``p*K + j`` is chain j of prompt p; refuse anything else, naming it."""
+    if len(layout) % chains:
+        raise DataError(f"run {name!r} has {len(layout)} instances, not a multiple of its {chains} chains")
+    for i, (doc_id, chain) in enumerate(layout):
+        first = layout[i - i % chains][0]
+        if chain != i % chains or doc_id != first:
+            raise DataError(f"run {name!r}: instance {i} is chain {chain!r} of doc {doc_id!r}; expected chain "
+                            f"{i % chains} of doc {first!r} (instances ordered prompt-major, {chains} per prompt)")
+
+
 def read_run(store: RunStore, n: int, opts: PredictOptions, rules: Sequence[str], bud: Sequence[int],
-             orders: np.ndarray | None, burn_in: int, beta: float, rouge: bool) -> RunData:
-    """Stream the instances once, keeping compact arrays and (for rouge tasks) the MBR choices."""
+             orders: np.ndarray | None, burn_in: int, beta: float, rouge: bool, chains: int = 1) -> RunData:
+    """Stream the instances once, keeping compact arrays and (for rouge tasks) the MBR choices.
+
+    ``n`` is the number of states per chain; ``bud``, ``orders`` and ``burn_in`` (already ``burn_in * chains``)
+    refer to the pooled axis of ``chains * n`` outputs per prompt."""
     name = store.name
     if not store.has_eval("grades"):
         raise DataError(f"run {name!r} has no 'grades' eval; run `python -m qalign_repro.evaluate` first")
@@ -224,15 +284,20 @@ def read_run(store: RunStore, n: int, opts: PredictOptions, rules: Sequence[str]
     if len(grades) != n_prompts:
         raise DataError(f"run {name!r}: grades cover {len(grades)} prompts, the store has {n_prompts}; "
                         "rerun the evaluate stage")
-    codes = np.full((n_prompts, n), sel.INVALID, dtype=np.int32)
+    if chains > 1:
+        check_chain_layout(_chain_layout(store, chains), chains, name)
     score = np.zeros((n_prompts, n))
     reward = np.zeros((n_prompts, n))
     accepted = np.zeros((n_prompts, n), dtype=bool)
     tokens = {k: np.zeros((n_prompts, n), dtype=np.int64) for k in fl.TOKEN_FIELDS}
     mbr_rules = [r for r in rules if r in MBR_RULES or (r == "qalign" and rouge)]
     n_ord = 1 if orders is None else len(orders)
-    mbr_index = {r: np.zeros((n_ord, n_prompts, len(bud)), dtype=np.int64) for r in mbr_rules}
+    mbr_index = {r: np.zeros((n_ord, n_prompts // chains, len(bud)), dtype=np.int64) for r in mbr_rules}
     fields = OUTPUT_FIELDS + (("text",) if mbr_rules else ())
+    # answers (and texts) of the current prompt's chains: a prompt's answer codes must be shared by its chains
+    group: list[tuple[list[Any], list[str]]] = []
+    pooled_codes = np.full((n_prompts // chains, chains * n), sel.INVALID, dtype=np.int32)
+    flat = sel.pool_chains(np.arange(chains * n).reshape(chains, n), chains)[0]  # pooled t -> j*n + s
     for p, (doc_id, out) in enumerate(iter_output_fields(store, n, fields)):
         g = grades[p]
         where = f"run {name!r}, prompt {p}"
@@ -241,7 +306,6 @@ def read_run(store: RunStore, n: int, opts: PredictOptions, rules: Sequence[str]
                             "rerun the evaluate stage")
         if len(out["reward"]) < n:
             raise DataError(f"{where}: {len(out['reward'])} outputs stored, expected {n}")
-        codes[p] = sel.encode_answers(g["answer"][:n])
         score[p] = _grade_scores(g, opts.metric, n, where)
         if rewards_eval is not None:
             reward[p] = np.asarray(rewards_eval[p]["reward"][:n], dtype=np.float64)
@@ -250,11 +314,22 @@ def read_run(store: RunStore, n: int, opts: PredictOptions, rules: Sequence[str]
         accepted[p] = [True if v is None else bool(v) for v in out["accepted"]]
         for k in fl.TOKEN_FIELDS:
             tokens[k][p] = [v or 0 for v in out[k]]
+        group.append((list(g["answer"][:n]), [t or "" for t in out["text"]] if mbr_rules else []))
+        if len(group) < chains:
+            continue
+        q = p // chains
+        answers = [a for ans, _ in group for a in ans]
+        pooled_codes[q] = sel.encode_answers([answers[i] for i in flat])
         if mbr_rules:
-            utility = sel.rouge_utility([t or "" for t in out["text"]], opts.mbr_metric)
-            for r, idx in _mbr_choices(utility, reward[p], mbr_rules, bud, orders, p, burn_in, beta).items():
-                mbr_index[r][:, p] = idx
-    return RunData(codes, score, reward, accepted, tokens, mbr_index)
+            texts = [t for _, tx in group for t in tx]
+            pooled_reward = sel.pool_chains(reward[p + 1 - chains: p + 1], chains)[0]
+            utility = sel.rouge_utility([texts[i] for i in flat], opts.mbr_metric)
+            for r, idx in _mbr_choices(utility, pooled_reward, mbr_rules, bud, orders, q, burn_in, beta).items():
+                mbr_index[r][:, q] = idx
+        group = []
+    pool = lambda a: sel.pool_chains(a, chains)  # noqa: E731
+    return RunData(pooled_codes, pool(score), pool(reward), accepted, {k: pool(v) for k, v in tokens.items()},
+                   mbr_index, chain_reward=reward, chains=chains)
 
 
 def _mbr_choices(utility: np.ndarray, reward: np.ndarray, rules: Sequence[str], bud: Sequence[int],
@@ -361,9 +436,9 @@ def _reward_trace(store: RunStore, n: int) -> np.ndarray:
 
 def _run_beta(meta: Mapping[str, Any], name: str) -> float:
     """The run's beta (a calibrated ``beta=auto`` run stores the number in meta once it has one)."""
-    for value in (meta.get("beta"), _cfg_get(meta, "beta")):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    beta = _numeric_beta(meta)
+    if not math.isnan(beta):
+        return beta
     raise DataError(f"run {name!r} has no numeric beta in its meta (beta={meta.get('beta')!r}); "
                     "set predict.wmv_beta")
 
@@ -376,6 +451,7 @@ def _concat(parts: list[RunData]) -> RunData:
         cat([d.codes for d in parts]), cat([d.score for d in parts]), cat([d.reward for d in parts]),
         cat([d.accepted for d in parts]), {k: cat([d.tokens[k] for d in parts]) for k in parts[0].tokens},
         {r: cat([d.mbr_index[r] for d in parts], axis=1) for r in parts[0].mbr_index},
+        chain_reward=cat([d.chain_reward for d in parts]), chains=parts[0].chains,
     )
 
 
@@ -390,9 +466,13 @@ def _original_positions(sizes: Sequence[int]) -> np.ndarray:
 
 
 def _reorder(data: RunData, order: np.ndarray) -> RunData:
-    return RunData(data.codes[order], data.score[order], data.reward[order], data.accepted[order],
-                   {k: v[order] for k, v in data.tokens.items()},
-                   {r: v[:, order] for r, v in data.mbr_index.items()})
+    """Prompts in ``order``; the per-chain arrays move with their prompt."""
+    k = data.chains
+    chain_order = (np.asarray(order)[:, None] * k + np.arange(k)).ravel()
+    return RunData(data.codes[order], data.score[order], data.reward[order], data.accepted[chain_order],
+                   {key: v[order] for key, v in data.tokens.items()},
+                   {r: v[:, order] for r, v in data.mbr_index.items()},
+                   chain_reward=data.chain_reward[chain_order], chains=k)
 
 
 def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: PredictOptions,
@@ -425,20 +505,31 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
             if m.get("status") != "done":
                 print(f"warning: run {shard!r} is not finished (status {m.get('status')!r}); "
                       "predicting from the steps stored so far", file=sys.stderr)
+        k_chains = run_chains(meta, name)
+        for other, m in zip(names[1:], metas[1:]):
+            if run_chains(m, other) != k_chains:
+                raise DataError(f"shards {names[0]!r} and {other!r} of run {name!r} differ in chains per prompt")
         n = min(st.steps_done() for st in stores)
         if n < 1:
             print(f"warning: run {name!r} has no stored outputs; skipped", file=sys.stderr)
             return pd.DataFrame(columns=COLUMNS), None
+        n_total = k_chains * n  # outputs per prompt, all chains pooled
         rules = rules_for(method, mbr_kind, opts)
-        bud = sel.budgets(n, opts.budgets)
-        dropped = sorted(b for b in opts.budgets if b > n)
+        bud = sel.budgets(n_total, opts.budgets)
+        dropped = sorted(b for b in opts.budgets if b > n_total)
         if dropped:
-            print(f"warning: run {name!r} has {n} outputs per prompt; budgets {dropped} skipped", file=sys.stderr)
+            print(f"warning: run {name!r} has {n_total} outputs per prompt; budgets {dropped} skipped",
+                  file=sys.stderr)
         beta = opts.wmv_beta if opts.wmv_beta is not None else _run_beta(meta, name)
-        sizes = [st.n_instances() for st in stores]
+        sizes = []
+        for st in stores:
+            size = st.n_instances()
+            if size % k_chains:
+                raise DataError(f"run {st.name!r} has {size} instances, not a multiple of its {k_chains} chains")
+            sizes.append(size // k_chains)
         orders = None
         if opts.resample_orders > 0 and method != "qalign":
-            orders = _orders(opts.resample_orders, sum(sizes), n, opts.seed)
+            orders = _orders(opts.resample_orders, sum(sizes), n_total, opts.seed)
         pre_trace = None
         if method == "qalign" and opts.burn_in == "auto" and rouge:  # a mean over prompts: order-free
             pre_trace = np.concatenate([_reward_trace(st, n) for st in stores])
@@ -449,14 +540,15 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
         parts, offset = [], 0
         for st, size in zip(stores, sizes):
             part_orders = None if orders is None else orders[:, positions[offset: offset + size]]
-            parts.append(read_run(st, n, opts, rules, bud, part_orders, burn_in, beta, rouge))
+            parts.append(read_run(st, n, opts, rules, bud, part_orders, burn_in * k_chains, beta, rouge,
+                                  k_chains))
             offset += size
         data = _concat(parts)
         if len(parts) > 1:
             data = _reorder(data, np.argsort(positions, kind="stable"))
         if method == "qalign" and opts.burn_in == "auto" and pre_trace is None:
-            burn_in = resolve_burn_in(opts, method, data.reward)
-        results = evaluate_rules(data, rules, bud, orders, burn_in, beta, rouge)
+            burn_in = resolve_burn_in(opts, method, data.chain_reward)
+        results = evaluate_rules(data, rules, bud, orders, burn_in * k_chains, beta, rouge)
         n_params = fl.n_params_of(meta, "model")
         n_params_rm = fl.n_params_of(meta, "reward")
         pol = fl.policy_tokens(data.tokens["tokens_prefilled"], data.tokens["tokens_generated"],
@@ -468,6 +560,9 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
         tok_cached_first = _mean_cum(data.tokens["tokens_cached"], bud, None)
         tok_rm_first = _mean_cum(data.tokens["tokens_scored"], bud, None)
         order_name = "first" if orders is None else f"random{len(orders)}"
+        run_beta = _numeric_beta(meta)
+        model = str((meta.get("model") or {}).get("name") or _cfg_get(meta, "model", "name") or "?")
+        acc_cols, acc_changed = _acceptance(data, metas, sizes, opts) if method == "qalign" else ({}, math.nan)
         frames = []
         for rule in rules:
             res = results[rule]
@@ -478,47 +573,192 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
                 tr = np.zeros_like(tr)  # plain sampling + a reward-free rule never runs the RM
             ok = ~np.isnan(res["score"][0]) if len(res["score"]) else np.ones(len(bud), dtype=bool)
             low, high = stats.bootstrap_ci(res["score"][:, ok], opts.bootstrap, opts.ci, opts.seed)
-            model = str((meta.get("model") or {}).get("name") or _cfg_get(meta, "model", "name") or "?")
             frame = pd.DataFrame({
                 "experiment": str(meta.get("experiment_name", "")), "dataset": dataset, "run": name,
                 "method": method, "model": model,
                 "reward_model": str((meta.get("reward") or {}).get("name") or "?"),
-                "rule": rule, "family": FAMILY[rule], "label": series_label(method, rule, model),
+                "rule": rule, "family": FAMILY[rule], "label": series_label(method, rule), "variant": "",
                 "order": "first" if first else order_name,
-                "n": np.asarray(bud)[ok], "n_prompts": data.codes.shape[0],
-                "burn_in": burn_in if rule == "qalign" else 0,
+                "n": np.asarray(bud)[ok], "n_prompts": data.codes.shape[0], "chains": k_chains,
+                "burn_in": burn_in if rule == "qalign" else 0, "beta": run_beta,
                 "selection_beta": beta if rule in ("wmv", "wmbr") else math.nan,
                 "metric": opts.metric or "correct", "prefix_cache": opts.count_prefix_cache,
                 "tokens_policy": tp[ok], "tokens_cached": tc[ok], "tokens_rm": tr[ok],
                 "flops_policy": fl.forward_flops(n_params, tp[ok]),
                 "flops_rm": fl.forward_flops(n_params_rm, tr[ok]),
                 "accuracy": res["score"][:, ok].mean(axis=0), "ci_low": low, "ci_high": high,
+                "ci_level": opts.ci if opts.bootstrap > 0 else math.nan,
                 "invalid_rate": res["invalid"][:, ok].mean(axis=0),
                 "mean_reward_selected": res["reward"][:, ok].mean(axis=0),
+                "acceptance": acc_cols.get("acceptance", math.nan),
+                "acceptance_low": acc_cols.get("acceptance_low", math.nan),
+                "acceptance_high": acc_cols.get("acceptance_high", math.nan),
+                "acceptance_changed": acc_changed,
             })
             frame["flops"] = frame["flops_policy"] + frame["flops_rm"]
             frames.append(frame[COLUMNS])
         diag = None
         if method == "qalign":
-            ess = stats.effective_sample_size(data.reward)
+            ess = stats.effective_sample_size(data.chain_reward)
             diag = {
                 "experiment": str(meta.get("experiment_name", "")), "dataset": dataset, "run": name,
-                "model": str((meta.get("model") or {}).get("name") or "?"), "n_prompts": data.codes.shape[0],
-                "steps": n, "acceptance_rate": float(np.nanmean(stats.acceptance_rate(data.accepted))),
+                "label": series_label(method, "qalign"), "model": model, "beta": run_beta,
+                "n_prompts": data.codes.shape[0], "chains": k_chains, "steps": n,
+                "acceptance_rate": float(np.nanmean(stats.acceptance_rate(data.accepted))),
+                "acceptance_changed": acc_changed,
                 "ess_reward_median": float(np.nanmedian(ess)) if np.isfinite(ess).any() else math.nan,
-                "burn_in_estimate": stats.estimate_burn_in(data.reward), "burn_in_used": burn_in,
+                "burn_in_estimate": stats.estimate_burn_in(data.chain_reward), "burn_in_used": burn_in,
             }
-        return pd.concat(frames, ignore_index=True), diag
+        table = pd.concat(frames, ignore_index=True)
+        table.attrs["identity"] = run_identity(meta)
+        return table, diag
     finally:
         for st in stores:
             st.close()
 
 
-def series_label(method: str, rule: str, model: str) -> str:
-    """Legend / Table 1 row name: the paper's method name plus the policy model."""
+def series_label(method: str, rule: str) -> str:
+    """Legend / Table 1 row name before the run's distinguishing values: the paper's method name. The policy
+    model belongs in titles and captions, and in the label only when runs differ in it (``assign_variants``)."""
     fam = FAMILY[rule]
     prefix = "" if method in ("qalign", "ancestral") else f"{method.upper()}+"
-    return f"{prefix}{fam} ({model})"
+    return f"{prefix}{fam}"
+
+
+def _numeric_beta(meta: Mapping[str, Any]) -> float:
+    for value in (meta.get("beta"), _cfg_get(meta, "beta")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return math.nan
+
+
+def _acceptance(data: RunData, metas: Sequence[Mapping[str, Any]], sizes: Sequence[int], opts: PredictOptions
+                ) -> tuple[dict[str, float], float]:
+    """Chain acceptance of a QAlign run with a bootstrap CI over prompts (a prompt = the mean of its chains),
+    and the acceptance of changed proposals from the run's stored diagnostics (pooled over shards from their
+    counts; NaN when a shard has none: telling identical proposals apart needs the completions, which predict
+    does not read)."""
+    per_chain = stats.acceptance_rate(data.accepted)
+    per_prompt = np.nanmean(per_chain.reshape(-1, data.chains), axis=1) if per_chain.size else per_chain
+    finite = per_prompt[np.isfinite(per_prompt)]
+    cols: dict[str, float] = {}
+    if finite.size:
+        low, high = stats.bootstrap_ci(finite, opts.bootstrap, opts.ci, opts.seed)
+        cols = {"acceptance": float(finite.mean()), "acceptance_low": float(low), "acceptance_high": float(high)}
+    diags = [m.get("diagnostics") or {} for m in metas]
+    if len(diags) == 1:
+        c = diags[0].get("acceptance_changed_overall")
+        return cols, float(c) if isinstance(c, (int, float)) else math.nan
+    # shards: pool the counts behind each shard's rate (identical proposals are always accepted)
+    changed = accepted_changed = 0.0
+    for d in diags:
+        vals = [d.get(k) for k in ("acceptance_overall", "identical_proposal_rate", "chains", "steps")]
+        if any(not isinstance(v, (int, float)) for v in vals):
+            return cols, math.nan
+        acc, same, n_chains, steps = vals
+        total = n_chains * (steps - 1)
+        changed += total * (1 - same)
+        accepted_changed += total * (acc - same)
+    return cols, accepted_changed / changed if changed > 0 else math.nan
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(node, (list, tuple)):
+        out[prefix] = json.dumps(node, sort_keys=True, default=str)
+    else:
+        out[prefix] = node
+
+
+def run_identity(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Every stored config value that changes what a run generated or how it is scored, flattened to dotted
+    keys: the keys the run name hashes (``naming.GENERATION_KEYS``), with the backend reduced to what changes
+    the data, the β actually used (a calibrated ``beta=auto`` run stores it) and the model actually loaded. Two
+    runs with different identities are different series; shards of one run share one."""
+    from qalign_repro.naming import BACKEND_IDENTITY, GENERATION_KEYS
+
+    cfg = meta.get("config") or {}
+    out: dict[str, Any] = {}
+    for key in GENERATION_KEYS:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if key == "backend" and isinstance(value, Mapping):
+            value = {k: value.get(k) for k in BACKEND_IDENTITY}
+        _flatten(value, key, out)
+    beta = _numeric_beta(meta)
+    if not math.isnan(beta):
+        out["beta"] = beta
+    weights = meta.get("weights") if isinstance(meta.get("weights"), Mapping) else {}
+    for part in ("model", "reward"):
+        loaded = (meta.get(part) or {}).get("name") if isinstance(meta.get(part), Mapping) else None
+        if loaded:
+            out[f"{part}.name"] = loaded
+        if weights.get(part):  # the weights themselves, not where they lay (runs merged from two machines)
+            out.pop(f"{part}.path", None)
+            out[f"{part}.weights"] = weights[part]
+    # chains per prompt as the run stored them (meta), under the method option's key, 1 when neither says
+    out["method.chains"] = meta.get("chains") or out.get("method.chains") or 1
+    return out
+
+
+#: how a distinguishing key reads in a label, and its place (keys not listed come after, alphabetically)
+_LABEL_KEYS = {"beta": "β", "model.name": "model", "reward.name": "RM", "method.chains": "chains", "seed": "seed",
+               "temperature": "T", "max_new_tokens": "max_new_tokens", "dataset.n": "prompts",
+               "backend.name": "backend"}
+
+
+def _label_part(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        value = f"{value:g}"
+    if key.endswith(".path") and isinstance(value, str):
+        value = Path(value).name or value
+    name = _LABEL_KEYS.get(key) or (key.split(".", 1)[1] if key.startswith("method.") else key)
+    return f"{name}={value}"
+
+
+def distinguishing_keys(identities: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys whose values differ between the given runs (a key absent from a run is not a difference: an
+    older run may lack an option that newer configs spell out at its default), in label order. When a model's
+    name differs its other keys (path, revision, ...) are left out: the name already tells the runs apart (the
+    same for the RM and the backend)."""
+    keys = sorted({k for ident in identities for k in ident})
+    differ = [k for k in keys if len({json.dumps(i[k], sort_keys=True, default=str)
+                                      for i in identities if k in i}) > 1]
+    for part in ("model", "reward", "backend"):
+        if f"{part}.name" in differ:
+            differ = [k for k in differ if not k.startswith(f"{part}.") or k == f"{part}.name"]
+    rank = {k: i for i, k in enumerate(_LABEL_KEYS)}
+    return sorted(differ, key=lambda k: (rank.get(k, len(rank)), k))
+
+
+def assign_variants(table: pd.DataFrame, identities: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Fill ``variant`` (the run's values of the keys that differ among the runs of its method, e.g.
+    "β=0.005") and append it to ``label``, so that a sweep's runs are separate series everywhere. The keys are
+    found per (dataset, method) and pooled per method, so a series keeps one label across datasets. Runs that
+    still share a label (same values under different run names) get their run name appended."""
+    table = table.copy()
+    runs = table[["dataset", "method", "run"]].drop_duplicates()
+    keys_of: dict[str, set[str]] = {}
+    for (_ds, method), g in runs.groupby(["dataset", "method"], sort=True):
+        keys_of.setdefault(method, set()).update(distinguishing_keys([identities.get(r, {}) for r in g["run"]]))
+    rank = {k: i for i, k in enumerate(_LABEL_KEYS)}
+    variant: dict[str, str] = {}
+    for r in runs.itertuples(index=False):
+        ident = identities.get(r.run, {})
+        ordered = sorted(keys_of.get(r.method, set()), key=lambda k: (rank.get(k, len(rank)), k))
+        variant[r.run] = " ".join(_label_part(k, ident[k]) for k in ordered if k in ident)
+    table["variant"] = table["run"].map(variant).fillna("")
+    base = table["label"].astype(str)
+    table["label"] = [f"{b} {v}" if v else b for b, v in zip(base, table["variant"])]
+    clash = table.groupby(["dataset", "label", "order", "rule"])["run"].transform("nunique") > 1
+    if clash.any():
+        table.loc[clash, "variant"] = [f"{v} {r}".strip() for v, r in zip(table.loc[clash, "variant"],
+                                                                          table.loc[clash, "run"])]
+        table.loc[clash, "label"] = [f"{b} {r}" for b, r in zip(table.loc[clash, "label"], table.loc[clash, "run"])]
+    return table
 
 
 def _cfg_get(meta: Mapping[str, Any], *keys: str) -> Any:
@@ -538,6 +778,7 @@ def predict_runs(root: str | os.PathLike, names: Iterable[str], opts: PredictOpt
     from qalign_repro.shards import ShardError, group_runs
 
     frames, diags = [], []
+    identities: dict[str, dict[str, Any]] = {}
     groups = group_runs(root, names)
     for key in sorted(groups):
         try:
@@ -547,14 +788,17 @@ def predict_runs(root: str | os.PathLike, names: Iterable[str], opts: PredictOpt
         except DataError as exc:
             print(f"warning: {exc}; run skipped", file=sys.stderr)
             continue
+        identities[key] = frame.attrs.get("identity", {})
         frames.append(frame)
         if diag is not None:
             diags.append(diag)
     if not frames:
         raise DataError("none of the selected runs could be predicted (see the warnings above)")
-    table = pd.concat(frames, ignore_index=True)
+    table = assign_variants(pd.concat(frames, ignore_index=True), identities)
     table = table.sort_values(["experiment", "dataset", "run", "rule", "order", "n"], kind="stable")
     diag_table = pd.DataFrame(diags, columns=DIAG_COLUMNS).sort_values(["dataset", "run"], kind="stable")
+    qa_label = dict(zip(table.loc[table["rule"] == "qalign", "run"], table.loc[table["rule"] == "qalign", "label"]))
+    diag_table["label"] = [qa_label.get(r, lbl) for r, lbl in zip(diag_table["run"], diag_table["label"])]
     table = table.reset_index(drop=True)
     table.attrs["members"] = {k: v for k, v in groups.items() if k in set(table["run"])}
     return table, diag_table.reset_index(drop=True)
@@ -611,10 +855,21 @@ def predict(cfg: Any) -> pd.DataFrame:
 
 
 def _print_summary(table: pd.DataFrame) -> None:
-    last = table.sort_values("n").groupby(["dataset", "label", "order"], sort=True).tail(1)
-    for _, r in last.sort_values(["dataset", "label"]).iterrows():
-        print(f"  {r['dataset']:<14} {r['label']:<28} n={int(r['n']):<5} acc={r['accuracy']:.3f} "
-              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  FLOPs={r['flops']:.3g}")
+    """One line per series (a sweep's runs apart) at its largest budget, under a line per dataset naming the
+    models and prompts."""
+    last = table.sort_values("n", kind="stable").groupby(["dataset", "label", "order"], sort=True).tail(1)
+    names = [lbl if o == "first" else f"{lbl}, {o} orders" for lbl, o in zip(last["label"], last["order"])]
+    last = last.assign(shown=names)
+    width = max(len(x) for x in names)
+    for ds, g in last.groupby("dataset", sort=True):
+        models = ", ".join(sorted(set(g["model"].astype(str))))
+        rms = ", ".join(sorted(set(g["reward_model"].astype(str))))
+        prompts = ", ".join(str(int(x)) for x in sorted(set(g["n_prompts"])))
+        print(f"  {ds}: model {models}, RM {rms}, {prompts} prompts")
+        for _, r in g.sort_values("shown").iterrows():
+            acc = "" if pd.isna(r.get("acceptance", math.nan)) else f"  acceptance={r['acceptance']:.3f}"
+            print(f"    {r['shown']:<{width}}  n={int(r['n']):<5} acc={r['accuracy']:.3f} "
+                  f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  FLOPs={r['flops']:.3g}{acc}")
 
 
 def main() -> None:

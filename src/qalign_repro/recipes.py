@@ -120,12 +120,16 @@ def _module(name: str) -> list[str]:
 MULTIRUN_SHIM = "from qalign_repro.run import main; main()"
 
 
-def run_steps(cfg: DictConfig, user: Sequence[str], beta: float) -> list[Step]:
+def _beta_text(beta: float | str) -> str:
+    return beta if isinstance(beta, str) else f"{beta:.6g}"
+
+
+def run_steps(cfg: DictConfig, user: Sequence[str], beta: float | str) -> list[Step]:
     """One step per job x dataset (a multirun over shards when ``recipe.shards`` > 1 or a launcher is set)."""
     recipe = cfg.recipe
     base = stage_overrides(user)
     backend = pick_backend(cfg, user)
-    extra = [f"beta={beta:.6g}"] + ([f"backend={backend}"] if backend else [])
+    extra = [f"beta={_beta_text(beta)}"] + ([f"backend={backend}"] if backend else [])
     shards = int(recipe.get("shards") or 1)
     launcher = recipe.get("launcher")
     steps = []
@@ -152,8 +156,8 @@ def _value(overrides: Sequence[str], key: str) -> str:
     return "?"
 
 
-def later_steps(cfg: DictConfig, user: Sequence[str], beta: float) -> list[Step]:
-    base = merge_overrides(stage_overrides(user), ["runs=all", f"beta={beta:.6g}"])
+def later_steps(cfg: DictConfig, user: Sequence[str], beta: float | str) -> list[Step]:
+    base = merge_overrides(stage_overrides(user), ["runs=all", f"beta={_beta_text(beta)}"])
     return [Step("evaluate", "grade every run", [*_module("evaluate"), *base]),
             Step("predict", "accuracy vs FLOPs tables", [*_module("predict"), *base]),
             Step("plot", "figures", [*_module("plot"), *base], optional_module=True)]
@@ -164,7 +168,12 @@ def _run(step: Step) -> None:
         print(f"[recipe] {step.stage}: qalign_repro.{step.stage} is not installed; skipped", flush=True)
         return
     print(f"[recipe] {step.stage}: {step.label}\n  $ {step.command()}", flush=True)
-    proc = subprocess.run(step.argv, check=False)
+    try:
+        proc = subprocess.run(step.argv, check=False)
+    except KeyboardInterrupt:  # Ctrl-C reached the stage too, which printed its own one line
+        from qalign_repro.cli import INTERRUPTED_EXIT
+
+        raise SystemExit(INTERRUPTED_EXIT) from None
     if proc.returncode != 0:
         raise SystemExit(
             f"error: recipe stage {step.stage!r} ({step.label}) failed with exit code {proc.returncode}; fix the "
@@ -172,8 +181,51 @@ def _run(step: Step) -> None:
         )
 
 
-def calibrate(cfg: DictConfig, user: Sequence[str], execute: bool, dry: bool = False) -> float:
-    """Stage 1: the beta every later stage uses (see the module docstring for the fallbacks)."""
+def calibrate_step(cfg: DictConfig, user: Sequence[str]) -> Step:
+    """Stage 1's command: ``recipe.calibrate.overrides`` on top of the user's, on the recipe's backend."""
+    cal = (cfg.get("recipe") or {}).get("calibrate") or {}
+    backend = pick_backend(cfg, user)
+    overrides = merge_overrides(stage_overrides(user), list(cal.get("overrides") or []),
+                                [f"backend={backend}"] if backend else [])
+    return Step("calibrate", "beta for the target acceptance", [*_module("calibrate"), *overrides],
+                optional_module=True)
+
+
+def uses_hub(cfg: DictConfig) -> bool:
+    """Whether the recipe names a hub model (a path that is not a local folder) or a hub dataset."""
+    for node in (cfg.model, cfg.reward):
+        path = node.get("path")
+        if path is not None and not Path(str(path)).expanduser().is_dir():
+            return True
+    text = OmegaConf.to_yaml(cfg.get("recipe") or {})
+    return "source=hub" in text or cfg.dataset.get("source") == "hub"
+
+
+#: what the dry run prints for the β of the later stages when stage 1 has not calibrated it yet
+BETA_PLACEHOLDER = "$BETA"
+
+
+def dry_run_commands(cfg: DictConfig, user: Sequence[str], beta: float | None, wanted: set[str]) -> list[str]:
+    """The commands the recipe would run, in order. ``beta`` None (stage 1 will calibrate it): the list starts
+    with the calibrate stage and the later commands read its result into ``$BETA``, so the plan never shows a β
+    that the runs will not use."""
+    pending = beta is None
+    value: float | str = BETA_PLACEHOLDER if beta is None else beta
+    lines = []
+    if pending and "calibrate" in wanted:
+        lines.append(calibrate_step(cfg, user).command())
+    if pending:
+        lines.append(f"BETA=$(python -c \"import json; print(json.load(open('{calibration_file(cfg)}'))['beta'])\")"
+                     "   # the β the calibrate stage wrote")
+    for step in run_steps(cfg, user, value) + later_steps(cfg, user, value):
+        if step.stage in wanted:
+            lines.append(step.command().replace(f"'beta={BETA_PLACEHOLDER}'", f'beta="{BETA_PLACEHOLDER}"'))
+    return lines
+
+
+def calibrate(cfg: DictConfig, user: Sequence[str], execute: bool, dry: bool = False) -> float | None:
+    """Stage 1: the beta every later stage uses (see the module docstring for the fallbacks); in a dry run None
+    when stage 1 would calibrate it."""
     explicit = _explicit_beta(user)
     if explicit is not None:
         print(f"[recipe] calibrate: beta={explicit:g} given on the command line; calibration skipped")
@@ -185,24 +237,20 @@ def calibrate(cfg: DictConfig, user: Sequence[str], execute: bool, dry: bool = F
         print(f"[recipe] calibrate: using beta={found:.6g} from {calibration_file(cfg)}")
         return found
     if cal.get("enabled", True) and execute:
-        backend = pick_backend(cfg, user)
-        overrides = merge_overrides(stage_overrides(user), list(cal.get("overrides") or []),
-                                    [f"backend={backend}"] if backend else [])
-        _run(Step("calibrate", "beta for the target acceptance", [*_module("calibrate"), *overrides],
-                  optional_module=True))
+        _run(calibrate_step(cfg, user))
         found = read_calibration(cfg)
         if found is not None:
             return found
+    if dry and cal.get("enabled", True):
+        print(f"[recipe] calibrate: not calibrated yet; the calibrate stage (the first command below) writes β to "
+              f"{calibration_file(cfg)} and every later command reads it into $BETA")
+        return None
     if cfg.beta == "auto":
         raise ConfigError(f"beta=auto needs a calibration in {calibration_file(cfg)}; allowed: run the calibrate "
                           "stage, or give beta=<number>")
     fallback = float(cfg.beta)
-    if dry and cal.get("enabled", True):
-        print(f"[recipe] calibrate: not calibrated yet; the plan shows the placeholder beta={fallback:g} "
-              "(the runs will use the calibrated value)")
-    else:
-        print(f"warning: no calibration in {calibration_file(cfg)}; using beta={fallback:g} from the config",
-              file=sys.stderr)
+    print(f"warning: no calibration in {calibration_file(cfg)}; using beta={fallback:g} from the config",
+          file=sys.stderr)
     return fallback
 
 
@@ -235,15 +283,22 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             raise ConfigError(f"{', '.join(missing)} must be set (e.g. reward.path=/path/to/trained/rm)")
         wanted = set(only or STAGES)
+        if not dry and uses_hub(cfg):
+            from qalign_repro.hub_access import offline_reason
+
+            offline = offline_reason()  # once here; the stages inherit the offline mode and fail fast
+            if offline:
+                print(f"[recipe] the hub is offline ({offline}): hub models and datasets come from the local HF "
+                      "cache only", file=sys.stderr)
         if dry:
-            beta = calibrate(cfg, overrides, execute=False, dry=True)
+            planned = calibrate(cfg, overrides, execute=False, dry=True)
             table, opts = build_plan(cfg, stage_overrides(overrides), own)
-            print(f"cost plan: experiment {cfg.experiment_name}, beta={beta:g} (dry run: nothing is run)\n")
+            shown = "calibrated by stage 1" if planned is None else f"{planned:g}"
+            print(f"cost plan: experiment {cfg.experiment_name}, beta {shown} (dry run: nothing is run)\n")
             print(render(table, opts))
             print("\ncommands:")
-            for step in run_steps(cfg, overrides, beta) + later_steps(cfg, overrides, beta):
-                if step.stage in wanted:
-                    print(f"  $ {step.command()}")
+            for line in dry_run_commands(cfg, overrides, planned, wanted):
+                print(f"  $ {line}")
             return
         beta = calibrate(cfg, overrides, execute="calibrate" in wanted)
         for step in run_steps(cfg, overrides, beta) + later_steps(cfg, overrides, beta):
@@ -252,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        from qalign_repro.cli import interrupted
+
+        interrupted()
     print(f"[recipe] {cfg.experiment_name}: all stages done (beta={beta:g}); outputs under {cfg.output_root}")
 
 

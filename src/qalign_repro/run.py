@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +21,7 @@ from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.models_io import model_fingerprints
 from qalign_repro.naming import config_hash, group_name, run_name
 from qalign_repro.provenance import environment_info
-from qalign_repro.storage import RunStore
+from qalign_repro.storage import RunStore, SQLiteStorage
 from qalign_repro.tasks import get_task
 
 
@@ -33,6 +34,9 @@ def build_backends(cfg: DictConfig) -> tuple[Any, Any]:
     backend = OmegaConf.to_container(cfg.backend, resolve=True)
     generator = gen_cls(OmegaConf.to_container(cfg.model, resolve=True), backend)
     reward = rm_cls(OmegaConf.to_container(cfg.reward, resolve=True), backend)
+    from qalign_repro.threads import tune_cpu_threads
+
+    tune_cpu_threads(generator, reward)  # tiny CPU models: one torch thread (see threads.py)
     return generator, reward
 
 
@@ -74,27 +78,105 @@ def shard_docs(docs: list[dict], index: int, count: int) -> list[dict]:
     return docs[index::count]
 
 
-def _prepare_instances(store: RunStore, task: Any, docs: list[dict], generator: Any, max_new: int) -> None:
+#: how to get the paper's results instead of the tiny models' (for the one-line notes and errors)
+PAPER_MODELS = "the paper's models on a GPU (model=tulu3_8b_sft reward=tulu3_8b_rm; docs/cluster.md)"
+
+
+def untrained_note(cfg: DictConfig) -> str | None:
+    """One line when a shipped model meets a dataset outside its config's ``trained_on`` (the tiny models know
+    arith only): the run still works, but its accuracy says nothing about the method."""
+    dataset = str(cfg.dataset.name)
+    strangers = [w for w in ("model", "reward") if cfg[w].get("path") is None and cfg[w].get("trained_on")
+                 and dataset not in list(cfg[w].trained_on)]
+    if not strangers:
+        return None
+    trained = sorted({t for w in strangers for t in cfg[w].trained_on})
+    who = " and ".join(f"{w}={cfg[w].name}" for w in strangers)
+    return (f"note: {who} {'were' if len(strangers) > 1 else 'was'} trained on {', '.join(trained)} only, not on "
+            f"{dataset}: expect near-zero accuracy; for the paper's numbers use {PAPER_MODELS}")
+
+
+def context_error(n_prompt: int, max_new: int, context: int, positions: int | None) -> str:
+    """The options that can make a prompt of ``n_prompt`` tokens + ``max_new`` fit, each of them possible."""
+    need = n_prompt + max_new
+    options = [f"max_new_tokens <= {context - n_prompt}"] if context - n_prompt >= 1 else []
+    if positions is not None and need <= positions:
+        options.append(f"model.max_context={need} or more (the model has {positions} positions)")
+    else:
+        options.append(f"model.max_context={need} with model.allow_long_context=true (past the model's "
+                       f"{positions or 'unknown number of'} positions: untrained)")
+    options += ["a shorter prompt or another dataset", PAPER_MODELS]
+    return "; ".join(options[:1]) + "".join(f", or {o}" for o in options[1:])
+
+
+def encode_instances(task: Any, docs: list[dict], generator: Any, max_new: int) -> list[dict[str, Any]]:
+    """The run's instances (chat-templated prompt ids), refused as a whole when a prompt cannot fit the context
+    with ``max_new`` tokens; the error names the longest prompt, so one fix covers every prompt."""
+    inputs = []
+    for idx, doc in enumerate(docs):
+        messages = task.prompt(doc)
+        ids = generator.encode_chat(messages)
+        inputs.append({"id": str(doc["id"]), "idx": idx, "prompt_ids": ids, "messages": messages, "doc": doc})
+    context = int(generator.max_context)
+    too_long = [i for i in inputs if len(i["prompt_ids"]) + max_new > context]
+    if too_long:
+        worst = max(too_long, key=lambda i: len(i["prompt_ids"]))
+        n = len(worst["prompt_ids"])
+        raise ConfigError(
+            f"{len(too_long)} of {len(inputs)} prompts do not fit the model context ({context} tokens) with "
+            f"max_new_tokens={max_new}; the longest, doc {worst['id']!r}, has {n} tokens; allowed: "
+            + context_error(n, max_new, context, getattr(generator, "max_positions", None)))
+    return inputs
+
+
+def chains_per_prompt(cfg: DictConfig) -> int:
+    """``method.chains`` (K independent chains per prompt; 1 when the method has no such option)."""
+    return int(cfg.method.get("chains", 1) or 1)
+
+
+def expand_chains(inputs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """K instances per prompt, prompt-major (instance idx = p*K + j), all with the prompt's doc ``id`` (evaluate
+    and predict group by it) and ``chain: j``; chain j > 0 draws its randomness from its own ``seed_key``, so
+    chain 0 is the same chain a one-chain run makes."""
+    if k == 1:
+        return inputs
+    out = []
+    for inp in inputs:
+        for j in range(k):
+            extra = {"chain": j} if j == 0 else {"chain": j, "seed_key": f"{inp['id']}#chain{j}"}
+            out.append({**inp, "idx": len(out), **extra})
+    return out
+
+
+def _prepare_instances(store: RunStore, docs: list[dict], inputs: list[dict[str, Any]] | None, k: int = 1) -> None:
+    """Store the instances once (``inputs`` from ``encode_instances``; None only for a store that holds them);
+    a resumed run must hold exactly this config's prompts (``k`` chains each)."""
     if store.n_instances():
         stored = [i["id"] for i in store.inputs()]
-        wanted = [d["id"] for d in docs]
+        wanted = [d["id"] for d in docs for _ in range(k)]
         if stored != wanted:
             raise StorageError(
                 f"run {store.name!r} holds prompts {stored[:3]}... but this config selects {wanted[:3]}...; "
                 "use another run_name or output_root"
             )
         return
-    inputs = []
-    for idx, doc in enumerate(docs):
-        messages = task.prompt(doc)
-        ids = generator.encode_chat(messages)
-        if len(ids) + max_new > generator.max_context:
-            raise ConfigError(
-                f"prompt of doc {doc['id']!r} has {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
-                f"model context ({generator.max_context}); allowed: max_new_tokens <= {generator.max_context - len(ids)}"
-            )
-        inputs.append({"id": str(doc["id"]), "idx": idx, "prompt_ids": ids, "messages": messages, "doc": doc})
-    store.add_instances(inputs)
+    if inputs is None:
+        raise StorageError(f"run {store.name!r} holds no prompts and none were encoded")
+    store.add_instances(expand_chains(inputs, k))
+
+
+def _start(cfg: DictConfig, task: Any, docs: list[dict], encode: bool = True
+           ) -> tuple[Any, tuple[Any, Any], list[dict[str, Any]] | None]:
+    """Everything a new run checks before its folder exists: method options, the models (architecture and
+    context are checked before any weight loads), and that every prompt fits the context (``encode``; a
+    resumed run's prompts are stored already)."""
+    method = METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
+    generator, reward = build_backends(cfg)
+    inputs = encode_instances(task, docs, generator, int(cfg.max_new_tokens)) if encode else None
+    note = untrained_note(cfg)
+    if note:  # after the checks, so that a refused start says one line only
+        print(note, file=sys.stderr, flush=True)
+    return method, (generator, reward), inputs
 
 
 def execute(cfg: DictConfig) -> RunStore:
@@ -103,24 +185,28 @@ def execute(cfg: DictConfig) -> RunStore:
     docs = shard_docs(task.docs(), int(cfg.shard.index), int(cfg.shard.count))
     name = run_name(cfg)
     prints = model_fingerprints(cfg)  # before the store exists: a bad folder leaves no empty run behind
+    started = None
+    if not SQLiteStorage(Path(str(cfg.output_root)) / "runs", mode="r").exists(name):
+        started = _start(cfg, task, docs)  # a new run: no folder until the models and prompts pass their checks
     store = RunStore(cfg.output_root, name, create=True, meta={**initial_meta(cfg, name, task), "weights": prints})
     with store.lock():
+        store.verify()  # damaged rows: never "complete", never resumed from (checksums; fsck names the rest)
         meta = store.meta
         if meta.get("config_hash") != config_hash(cfg):
             raise StorageError(f"run {name!r} was created with a different config; pick another run_name")
         _check_same_weights(store, name, prints)
         done = store.steps_done() if store.n_instances() else 0
-        if store.n_instances() == len(docs) and done >= cfg.steps:
+        if store.n_instances() == len(docs) * chains_per_prompt(cfg) and done >= cfg.steps:
             if meta.get("status") != "done":  # killed after its last commit: finish the bookkeeping
                 _finish(cfg, store)
-            print(f"run {name}: complete ({done} steps for {len(docs)} prompts); nothing to do")
+            print(f"run {name}: complete ({_count(done, 'output')} for each of {_count(len(docs), 'prompt')}); "
+                  "nothing to do")
             return store
-        method = METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
-        generator, reward = build_backends(cfg)
-        _prepare_instances(store, task, docs, generator, int(cfg.max_new_tokens))
+        method, (generator, reward), inputs = started or _start(cfg, task, docs, encode=not store.n_instances())
+        _prepare_instances(store, docs, inputs, chains_per_prompt(cfg))
         store.update_meta(
             status="running", steps=int(cfg.steps), data_source=task.data_source(),
-            doc_ids=[d["id"] for d in docs],
+            doc_ids=[d["id"] for d in docs], chains=chains_per_prompt(cfg),
             model={"name": str(cfg.model.name), "path": getattr(generator, "path", None), "n_params": generator.n_params},
             reward={"name": str(cfg.reward.name), "path": getattr(reward, "path", None), "n_params": reward.n_params},
             environment=environment_info(),
@@ -129,11 +215,18 @@ def execute(cfg: DictConfig) -> RunStore:
         ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed), beta=beta,
                          max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
                          batch_size=int(cfg.batch_size), method_cfg=OmegaConf.to_container(cfg.method, resolve=True))
-        last = store.last_outputs()
-        chains = [Chain(idx=i["idx"], prompt_id=i["id"], prompt_ids=i["prompt_ids"], messages=i["messages"],
-                        last=last.get(i["idx"])) for i in store.inputs()]
-        _loop(cfg, store, method, ctx, chains, done, name)
+        _loop(cfg, store, method, ctx, stored_chains(store), name)
     return store
+
+
+def stored_chains(store: RunStore) -> list[Chain]:
+    """The run's chains as stored: each resumes from its own last committed output. An instance's
+    ``seed_key`` (extra chains of one prompt, ``method.chains``) keys its randomness, else its doc id."""
+    last = store.last_outputs()
+    counts = store.step_counts()
+    return [Chain(idx=i["idx"], prompt_id=str(i.get("seed_key", i["id"])), prompt_ids=i["prompt_ids"],
+                  messages=i["messages"], last=last.get(i["idx"]), done=counts.get(i["idx"], 0))
+            for i in store.inputs()]
 
 
 def _resolve_beta(cfg: DictConfig, store: RunStore, generator: Any, reward: Any) -> float:
@@ -147,44 +240,41 @@ def _resolve_beta(cfg: DictConfig, store: RunStore, generator: Any, reward: Any)
 
     result = load_or_calibrate(cfg, generator, reward, meta["weights"])
     store.update_meta(beta=float(result["beta"]), beta_calibration=result)
-    print(f"beta=auto: calibrated beta={result['beta']:.4g} (chain acceptance {result['chain_acceptance']:.3f})")
+    of = " of the changed proposals" if result.get("count") == "changed" else ""
+    where = (f"shipped with the models ({result['shipped']}; same weights and calibrate settings)"
+             if result.get("shipped") else "calibrated")
+    print(f"beta=auto: beta={result['beta']:.4g} {where}; calibration chains accepted "
+          f"{result['chain_acceptance']:.3f}{of}")
     return float(result["beta"])
 
 
-def _loop(cfg: DictConfig, store: RunStore, method: Any, ctx: RunContext, chains: list[Chain], start: int,
-          name: str) -> None:
-    from tqdm.auto import tqdm
+def _loop(cfg: DictConfig, store: RunStore, method: Any, ctx: RunContext, chains: list[Chain], name: str) -> None:
+    from qalign_repro.methods.driver import drive
 
     t_start = time.perf_counter()
     wall0 = float(store.meta.get("wall_time_s", 0.0))
-    tokens = 0
-    bar = tqdm(range(start, int(cfg.steps)), initial=start, total=int(cfg.steps), desc=f"{cfg.method.name} steps",
-               disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-    accepted = total = 0
-    for k in bar:
-        outputs = method.step(ctx, chains, k)
-        store.commit_step(k, {c.idx: o for c, o in zip(chains, outputs)})
-        for c, o in zip(chains, outputs):
-            c.last = o
-        tokens += sum(o["tokens_generated"] for o in outputs)
-        if k > 0:
-            accepted += sum(o["accepted"] for o in outputs)
-            total += len(outputs)
-        elapsed = time.perf_counter() - t_start
-        bar.set_postfix({"step": k, "acc": f"{accepted / total:.2f}" if total else "-",
-                         "tok/s": f"{tokens / max(elapsed, 1e-9):.0f}", **method.postfix(outputs)})
+    sched = cfg.get("schedule", "auto")
+    progress = drive(method, ctx, chains, int(cfg.steps), store.commit_outputs, schedule=sched,
+                     in_flight=cfg.get("in_flight"), rm_batch=cfg.get("rm_batch"), progress=bool(cfg.progress),
+                     desc=f"{cfg.method.name}")
     elapsed = time.perf_counter() - t_start
     store.update_meta(wall_time_s=wall0 + elapsed, time_in_generate_s=ctx.timers["generate"],
                       time_in_reward_s=ctx.timers["reward"])
-    print(f"run {name}: {store.steps_done()} steps for {len(chains)} prompts stored in {store.dir}")
+    steps = store.steps_done()
+    print(f"run {name}: {_count(steps, 'output')} per chain for {_count(len(chains), 'chain')} stored in {store.dir} "
+          f"({progress.tokens / max(elapsed, 1e-9):.0f} generated tokens/s)")
     _finish(cfg, store)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _finish(cfg: DictConfig, store: RunStore) -> None:
     """Mark the run done (and, for chains, store and print the MCMC diagnostics)."""
     values: dict[str, Any] = {"status": "done", "steps_done": store.steps_done(),
                               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if cfg.method.name == "qalign":
+    if METHODS.get(str(cfg.method.name)).kind == "chain":
         from qalign_repro.diagnostics import format_diagnostics, run_diagnostics
 
         values["diagnostics"] = run_diagnostics(store)

@@ -28,8 +28,8 @@ from qalign_repro.errors import StorageError
 from qalign_repro.shards import shard_info
 from qalign_repro.storage import LOCK_NAME, RunStore, list_runs
 
-COLUMNS = ["run", "experiment", "dataset", "method", "model", "shard", "status", "progress", "prompts",
-           "wall_time", "host", "gpu", "git_sha", "finished"]
+COLUMNS = ["run", "experiment", "dataset", "method", "model", "shard", "status", "progress", "chains_done", "outputs",
+           "prompts", "wall_time", "host", "gpu", "git_sha", "finished"]
 _LOCK_TEXT = re.compile(r"pid (?P<pid>\d+) on host (?P<host>\S+)")
 
 
@@ -71,7 +71,8 @@ def run_row(root: str | os.PathLike, name: str) -> dict[str, Any]:
     try:
         meta = store.meta
         n = store.n_instances()
-        done = store.steps_done() if n else 0
+        counts = store.step_counts() if n else {}
+        done = min(counts.values()) if counts else 0
     finally:
         store.close()
     env = meta.get("environment") or {}
@@ -85,8 +86,11 @@ def run_row(root: str | os.PathLike, name: str) -> dict[str, Any]:
         "model": (meta.get("model") or {}).get("name") or ((meta.get("config") or {}).get("model") or {}).get("name", ""),
         "shard": f"{info.index}/{info.count}" if info.count > 1 else "",
         "status": live_status(store.dir, str(meta.get("status", ""))),
+        # chains advance on their own: the least-advanced chain, and how many chains are complete
         "progress": f"{done}/{steps}",
-        "prompts": n,
+        "chains_done": f"{sum(c >= steps for c in counts.values())}/{n}" if n else "",
+        "outputs": f"{sum(min(c, steps) for c in counts.values())}/{n * steps}" if n else "",
+        "prompts": n // max(int(meta.get("chains", 1) or 1), 1),
         "wall_time": format_seconds(meta.get("wall_time_s")),
         "host": env.get("host", ""),
         "gpu": env.get("gpu") or ("cpu" if env else ""),

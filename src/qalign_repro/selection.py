@@ -93,6 +93,24 @@ def budgets(n_max: int, extra: Iterable[int] | None = None) -> list[int]:
     return sorted(out)
 
 
+def pool_chains(values: np.ndarray, chains: int) -> np.ndarray:
+    """Pool the K chains of each prompt into one row: ``[P*K, S, ...]`` (instance ``p*K + j`` = chain j of
+    prompt p) -> ``[P, K*S, ...]`` with ``pooled[p, k*K + j] = values[p*K + j, k]``.
+
+    Why interleaved: the first n pooled positions are then the states a run of K chains has produced after
+    ``ceil(n / K)`` steps (every chain advances together), so "budget n" means the same compute whatever K is,
+    and dropping each chain's first ``b`` states is dropping the first ``b*K`` pooled positions."""
+    v = np.asarray(values)
+    if isinstance(chains, bool) or not isinstance(chains, (int, np.integer)) or chains < 1:
+        raise ValueError(f"chains={chains!r} must be an integer >= 1")
+    if v.ndim < 2 or v.shape[0] % chains:
+        raise ValueError(f"{v.shape[0] if v.ndim else 0} rows are not whole groups of {chains} chains")
+    if chains == 1:
+        return v
+    p, s = v.shape[0] // chains, v.shape[1]
+    return v.reshape(p, chains, s, *v.shape[2:]).swapaxes(1, 2).reshape(p, s * chains, *v.shape[2:])
+
+
 def _clean_rewards(rewards: np.ndarray) -> np.ndarray:
     r = np.asarray(rewards, dtype=np.float64)
     return np.where(np.isnan(r), -np.inf, r)

@@ -11,6 +11,11 @@ Layout: ``<root>/runs/<exp_id>/exp.sqlite`` plus ``run.lock`` and stage outputs 
 Tables: ``fields(name, value)`` holds whole fields (``meta``, ``eval_<key>``, ...); ``instances(idx, input)``
 and ``outputs(idx, step, value)`` hold the expkit ``data`` field (list of ``{"input", "outputs"}``) row by
 row so that appending a step never rewrites earlier data.
+
+Every row also carries ``crc``, a CRC-32 of its key and stored text (``row_checksum``, the one helper every
+write goes through): an edit that keeps the JSON valid (one digit of a text or of a token id) is otherwise
+invisible to every check. Stores from before the column gain it on their first writable open (``ALTER
+TABLE``); their old rows keep ``crc`` NULL, read as "unchecked (legacy)", never as damage.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +44,14 @@ LOCK_NAME = "run.lock"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS instances (idx INTEGER PRIMARY KEY, input TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fields (name TEXT PRIMARY KEY, value TEXT NOT NULL, crc INTEGER);
+CREATE TABLE IF NOT EXISTS instances (idx INTEGER PRIMARY KEY, input TEXT NOT NULL, crc INTEGER);
 CREATE TABLE IF NOT EXISTS outputs (
-    idx INTEGER NOT NULL, step INTEGER NOT NULL, value TEXT NOT NULL, PRIMARY KEY (idx, step)
+    idx INTEGER NOT NULL, step INTEGER NOT NULL, value TEXT NOT NULL, crc INTEGER, PRIMARY KEY (idx, step)
 );
 """
+#: the JSON column of each table, and the columns that key a row (part of what its checksum covers)
+CHECKED_TABLES = {"fields": ("value", ("name",)), "instances": ("input", ("idx",)), "outputs": ("value", ("idx", "step"))}
 
 
 def check_run_name(name: str) -> str:
@@ -58,6 +66,70 @@ def check_run_name(name: str) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def row_checksum(table: str, key: tuple[Any, ...], text: str) -> int:
+    """The ``crc`` of one stored row: CRC-32 over table, key and JSON text, so a changed value and a value
+    moved to another row (a state swapped between steps) both fail. Every insert and update uses it."""
+    head = "\x1f".join([table, *map(str, key)])
+    return zlib.crc32(f"{head}\x1e{text}".encode())
+
+
+def put_field(conn: sqlite3.Connection, name: str, text: str) -> None:
+    """Insert or replace the field ``name`` with its JSON ``text`` and checksum."""
+    conn.execute("INSERT INTO fields(name, value, crc) VALUES(?, ?, ?) "
+                 "ON CONFLICT(name) DO UPDATE SET value=excluded.value, crc=excluded.crc",
+                 (name, text, row_checksum("fields", (name,), text)))
+
+
+def put_instances(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]]) -> None:
+    conn.executemany("INSERT INTO instances(idx, input, crc) VALUES(?, ?, ?)",
+                     [(idx, text, row_checksum("instances", (idx,), text)) for idx, text in rows])
+
+
+def put_outputs(conn: sqlite3.Connection, rows: Iterable[tuple[int, int, str]]) -> None:
+    conn.executemany("INSERT INTO outputs(idx, step, value, crc) VALUES(?, ?, ?, ?)",
+                     [(idx, step, text, row_checksum("outputs", (idx, step), text)) for idx, step, text in rows])
+
+
+def has_checksums(conn: sqlite3.Connection, table: str) -> bool:
+    return any(r[1] == "crc" for r in conn.execute(f"PRAGMA table_info({table})"))
+
+
+def add_checksum_columns(conn: sqlite3.Connection) -> None:
+    """Migrate a store from before checksums: add the column; old rows stay NULL ("unchecked, legacy")."""
+    for table in CHECKED_TABLES:
+        if not has_checksums(conn, table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN crc INTEGER")
+
+
+def checksum_failures(conn: sqlite3.Connection) -> tuple[list[tuple[str, tuple[Any, ...]]], int]:
+    """``(damaged rows as (table, key), number of legacy rows without a checksum)``, streamed table by table.
+
+    Cheap enough for every start of a run (one pass of CRC-32 over the stored text); the caller's connection
+    decides the snapshot (fsck reads inside its own read transaction)."""
+    damaged: list[tuple[str, tuple[Any, ...]]] = []
+    unchecked = 0
+    for table, (column, keys) in CHECKED_TABLES.items():
+        if not has_checksums(conn, table):
+            unchecked += conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            continue
+        order = ", ".join(keys)
+        for row in conn.execute(f"SELECT {order}, {column}, crc FROM {table} ORDER BY {order}"):
+            key, text, crc = tuple(row[:-2]), row[-2], row[-1]
+            if crc is None:
+                unchecked += 1
+            elif crc != row_checksum(table, key, text):
+                damaged.append((table, key))
+    return damaged, unchecked
+
+
+def describe_damage(damaged: list[tuple[str, tuple[Any, ...]]], limit: int = 3) -> str:
+    """What fails its checksum, in words: "output of instance 0 at step 3, field 'meta' (2 more)"."""
+    words = {"fields": lambda k: f"field {k[0]!r}", "instances": lambda k: f"instance {k[0]}'s input",
+             "outputs": lambda k: f"output of instance {k[0]} at step {k[1]}"}
+    listed = ", ".join(words[t](k) for t, k in damaged[:limit])
+    return listed + (f" ({len(damaged) - limit} more)" if len(damaged) > limit else "")
 
 
 class SQLiteStorage(Storage):
@@ -90,6 +162,7 @@ class SQLiteStorage(Storage):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
+                add_checksum_columns(conn)
             conn.execute("SELECT count(*) FROM fields").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"store {str(path)!r} is not a readable run database ({exc})") from None
@@ -207,22 +280,14 @@ class SQLiteStorage(Storage):
                 for idx, inst in enumerate(data):
                     self._insert_instance(conn, idx, inst)
             else:
-                conn.execute(
-                    "INSERT INTO fields(name, value) VALUES(?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-                    (field, _dumps(data)),
-                )
+                put_field(conn, field, _dumps(data))
 
     def write_subfield(self, exp_id: str, field: str, key: str, data: Any) -> None:
         with self.transaction(exp_id) as conn:
             row = conn.execute("SELECT value FROM fields WHERE name=?", (field,)).fetchone()
             value = json.loads(row[0]) if row else {}
             value[key] = data
-            conn.execute(
-                "INSERT INTO fields(name, value) VALUES(?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-                (field, _dumps(value)),
-            )
+            put_field(conn, field, _dumps(value))
 
     def append_subfield(self, exp_id: str, field: str, data: Any) -> None:
         if field != "data":
@@ -233,9 +298,8 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _insert_instance(conn: sqlite3.Connection, idx: int, inst: dict[str, Any]) -> None:
-        conn.execute("INSERT INTO instances(idx, input) VALUES(?, ?)", (idx, _dumps(inst["input"])))
-        for step, out in enumerate(inst.get("outputs", [])):
-            conn.execute("INSERT INTO outputs(idx, step, value) VALUES(?, ?, ?)", (idx, step, _dumps(out)))
+        put_instances(conn, [(idx, _dumps(inst["input"]))])
+        put_outputs(conn, [(idx, step, _dumps(out)) for step, out in enumerate(inst.get("outputs", []))])
 
 
 class RunLock:
@@ -311,11 +375,7 @@ class RunStore:
             row = conn.execute("SELECT value FROM fields WHERE name='meta'").fetchone()
             meta = json.loads(row[0]) if row else {}
             meta.update(values)
-            conn.execute(
-                "INSERT INTO fields(name, value) VALUES('meta', ?) "
-                "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-                (_dumps(meta),),
-            )
+            put_field(conn, "meta", _dumps(meta))
         self.exp.meta = self.meta
 
     def lock(self) -> RunLock:
@@ -335,8 +395,7 @@ class RunStore:
         """Add all prompts of a run in one transaction (a run never holds half of its prompts)."""
         with self.storage.transaction(self.name) as conn:
             (nxt,) = conn.execute("SELECT coalesce(max(idx) + 1, 0) FROM instances").fetchone()
-            for k, inp in enumerate(inputs):
-                conn.execute("INSERT INTO instances(idx, input) VALUES(?, ?)", (nxt + k, _dumps(inp)))
+            put_instances(conn, [(nxt + k, _dumps(inp)) for k, inp in enumerate(inputs)])
 
     def step_counts(self) -> dict[int, int]:
         """Number of stored outputs per instance index."""
@@ -347,22 +406,29 @@ class RunStore:
         return counts
 
     def steps_done(self) -> int:
-        """Steps stored for every instance (commits are whole steps, so all instances agree)."""
+        """Steps stored for every instance (chains advance on their own, so instances may differ while a run is
+        in progress; this is the least of them)."""
         counts = self.step_counts()
         return min(counts.values()) if counts else 0
 
     def commit_step(self, step: int, outputs: dict[int, dict[str, Any]]) -> None:
         """Store output ``step`` of every given instance atomically."""
+        self.commit_outputs({(idx, step): out for idx, out in outputs.items()})
+
+    def commit_outputs(self, outputs: dict[tuple[int, int], dict[str, Any]]) -> None:
+        """Store a group of ``(instance idx, step) -> output`` atomically: the step driver commits whatever its
+        chains decided since the last commit (a whole lock-step step, or a few chains' next states), so a kill
+        loses at most the group in flight and each chain resumes from its own last committed state."""
         from qalign_repro.faults import maybe_kill
 
-        maybe_kill("before_commit", step)
+        if not outputs:
+            return
+        first = min(step for _, step in outputs)
+        maybe_kill("before_commit", first)
         with self.storage.transaction(self.name) as conn:
-            conn.executemany(
-                "INSERT INTO outputs(idx, step, value) VALUES(?, ?, ?)",
-                [(idx, step, _dumps(out)) for idx, out in sorted(outputs.items())],
-            )
-            maybe_kill("in_commit", step)
-        maybe_kill("after_commit", step)
+            put_outputs(conn, [(idx, step, _dumps(out)) for (idx, step), out in sorted(outputs.items())])
+            maybe_kill("in_commit", first)
+        maybe_kill("after_commit", first)
 
     def last_outputs(self) -> dict[int, dict[str, Any]]:
         rows = self._conn().execute(
@@ -370,6 +436,16 @@ class RunStore:
             "(SELECT idx, max(step) AS s FROM outputs GROUP BY idx) m ON o.idx=m.idx AND o.step=m.s"
         )
         return {idx: json.loads(v) for idx, v in rows}
+
+    def verify(self) -> None:
+        """Raise a one-line StorageError when a stored row fails its checksum (edited outside the pipeline, or
+        damaged on disk): a run, or a stage reading it, must not build on it or call it complete."""
+        damaged, _ = checksum_failures(self._conn())
+        if damaged:
+            raise StorageError(
+                f"run {self.name!r}: its store is damaged: {describe_damage(damaged)} fails its checksum (changed "
+                f"outside the pipeline); check it with `python -m qalign_repro.fsck {self.dir}`, then `--repair` "
+                "truncates it to the last intact step")
 
     def iter_instances(self) -> Iterator[dict[str, Any]]:
         """Stream ``{"input", "outputs"}`` one instance at a time (memory bounded)."""

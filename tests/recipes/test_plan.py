@@ -116,3 +116,23 @@ def test_plan_of_the_general_recipe_offline(monkeypatch):
     assert opts["tokens_per_s"] == 5000 and opts["cached_prefill"]
     # 2 * 8.03e9 params * tokens: FLOPs follow the token counts
     assert gsm["flops_policy"] == pytest.approx(2 * 8030261248 * (gsm["tokens_prefilled"] + gsm["tokens_generated"]))
+
+
+def test_occupancy_model():
+    """Lock-step calls last as long as their longest sequence; async on a continuous engine does not."""
+    from qalign_repro.plan import PLAN_DEFAULTS, Lengths, expected_max, occupancy
+
+    assert expected_max([5.0], 8) == 5.0
+    assert expected_max([1.0, 3.0], 1) == 2.0 and abs(expected_max([1.0, 3.0], 2) - 2.5) < 1e-12
+    spread = Lengths(n_prompts=64, prompt_tokens=50, completion_tokens=40, rm_tokens=90, source="test",
+                     length_samples=tuple([10] * 50 + [90] * 10))
+    opts = dict(PLAN_DEFAULTS)
+    lock_anc, _ = occupancy("ancestral", "lockstep", spread, 64, 96, True, opts)
+    lock_q, _ = occupancy("qalign", "lockstep", spread, 64, 96, True, opts)
+    one, _ = occupancy("ancestral", "lockstep", spread, 1, 96, True, opts)
+    asyn, why = occupancy("qalign", "async", spread, 64, 96, True, opts)
+    hf_async, _ = occupancy("qalign", "async", spread, 64, 96, False, opts)
+    assert abs(lock_anc - (sum(spread.length_samples) / 60) / 90) < 0.01  # mean / max: a batch of 64 holds a 90
+    assert abs(one - 1.0) < 1e-9  # one sequence per call: never waits for another
+    assert 0 < lock_q < 1 and asyn == 0.9 and "async" in why
+    assert hf_async == lock_q  # no continuous batching: async falls back to lock-step behaviour

@@ -20,8 +20,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 #: the real tiny policy and RM; small enough for a few kills on 2 CPU cores
 HF = ["progress=false", "dataset.n=2", "max_new_tokens=16"]
-#: (method, steps, kills, seed)
-CAMPAIGNS = [("qalign", 4, 3, 3), ("ancestral", 3, 1, 5)]
+#: (method, steps, kills, seed, extra overrides): both on the default (async) schedule; ancestral samples are
+#: submitted in bulk, two at a time here, so that commits (and kills between them) happen mid-run
+CAMPAIGNS = [("qalign", 4, 3, 3, []), ("ancestral", 3, 1, 5, ["in_flight=2"])]
 
 
 def main(workdir: Path, out: Path) -> None:
@@ -36,13 +37,14 @@ def main(workdir: Path, out: Path) -> None:
 
     board = PhaseBoard()
     report = {}
-    for method, steps, kills, seed in CAMPAIGNS:
-        args = [*HF, f"method={method}", f"steps={steps}", f"seed={seed}"]
+    for method, steps, kills, seed, extra in CAMPAIGNS:
+        args = [*HF, f"method={method}", f"steps={steps}", f"seed={seed}", *extra]
         cfg = compose_config([*args, f"output_root={workdir / method}"])
         ref_cfg = compose_config([*args, f"output_root={workdir / (method + '-reference')}"])
         record, final, reference = campaign(cfg, ref_cfg, steps=steps, target_kills=kills, seed=seed, board=board,
                                             logdir=workdir, slow=0.0, phase_delay=0.03,
-                                            kinds=("phase", "hook"), phase_points=("generate",))
+                                            kinds=("phase", "hook"), phase_points=("generate",),
+                                            whole_steps=False)
         assert_same_as_reference(final, reference)
         report[method] = {"kills": record.kills, "phases": record.phases(), "episodes": record.summary()}
     out.write_text(json.dumps(report, indent=1))

@@ -100,10 +100,18 @@ CASES = [
     Case("data-bad-json-line", GSM, r"/data\.jsonl:3: malformed JSON line",
          data=GOOD_ROWS + '{"question": "broken", "answer": \n'),
     Case("data-missing-field", GSM,
-         r"gsm8k row 1: missing field\(s\) \['answer'\]; required: \['question', 'answer'\]",
+         r"/data\.jsonl:2: field 'answer' is missing; allowed: a non-empty string",
          data=GOOD_ROWS.splitlines()[0] + '\n{"question": "no answer"}\n'),
+    Case("data-null-question", GSM, r"/data\.jsonl:2: field 'question' is null; allowed: a non-empty string",
+         data=GOOD_ROWS.splitlines()[0] + '\n{"question": null, "answer": "#### 2"}\n'),
+    Case("data-gsm8k-answer-without-hashes", GSM,
+         r"/data\.jsonl:1: field 'answer' has no '#### <number>' line .*allowed: a worked solution",
+         data='{"question": "Two?", "answer": "it is 2"}\n' + GOOD_ROWS),
+    Case("data-n-larger-than-the-set", ["dataset=gsm8k", "dataset.n=3"],
+         r"dataset.n=3 is invalid for 'gsm8k', which has 2 docs; allowed: an integer 1..2, or null for all 2",
+         data=GOOD_ROWS),
     Case("data-missing-field-truthfulqa", ["dataset=truthfulqa", "dataset.n=1"],
-         r"truthfulqa row 0: missing field\(s\) \['mc1_targets'\]", data='{"question": "q"}\n'),
+         r"/data\.jsonl:1: field 'mc1_targets' is missing; allowed: an object", data='{"question": "q"}\n'),
     Case("data-source-unknown", [*GSM, "dataset.source=web"],
          r"dataset.source='web' is invalid for 'gsm8k'; allowed: bundled, hub"),
     Case("data-not-utf8", GSM, r"/data\.jsonl:3: not UTF-8 text", data=GOOD_ROWS.encode() + b"\xff\xfe\n"),
@@ -186,6 +194,25 @@ def test_corrupted_store_is_reported_and_left_alone(root, damage, stage):
     assert re.search(r"store '.*exp\.sqlite' is not a readable run database", line), line
     assert db.read_bytes() == bad  # not "repaired", not overwritten
     assert check_store(root, run_names(root)[0])  # and fsck agrees
+
+
+@pytest.mark.parametrize("stage", ["run", "evaluate"])
+def test_a_row_edited_outside_the_pipeline_is_one_line_naming_the_store(root, stage):
+    """Valid JSON, one value changed: the stage names the damaged store and fsck, not some config value."""
+    import json
+    import sqlite3
+
+    db = _db(root)
+    conn = sqlite3.connect(db, isolation_level=None)
+    (value,) = conn.execute("SELECT value FROM outputs WHERE idx=1 AND step=1").fetchone()
+    out = json.loads(value)
+    out["reward"] = out["reward"] + 1.0
+    conn.execute("UPDATE outputs SET value=? WHERE idx=1 AND step=1", (json.dumps(out),))
+    conn.close()
+    line = cli_error(stage, toy(root, *BASE))
+    assert "\n" not in line
+    assert re.search(rf"run '{re.escape(run_names(root)[0])}': its store is damaged: output of instance 1 at step 1 "
+                     r"fails its checksum .*qalign_repro\.fsck .*--repair", line), line
 
 
 # -- reward model returning NaN / inf --------------------------------------------------------------------------

@@ -56,38 +56,47 @@ def _truncate_weights(folder: Path) -> None:
 
 
 # (id, extra overrides given the tmp folder, pattern, new empty run allowed, xfail reason, raises).
-# Models load after the run's store is created (a finished run must not load them at all), so a bad model
-# leaves a new run holding only its meta: no instance, no output, and the existing runs untouched.
+# A new run's models and prompts are checked before its folder exists (a finished run still loads no model),
+# so a bad model or prompt leaves no new run at all, and the existing runs untouched.
 CASES = [
     ("model-without-weights", lambda t: [f"model.path={model_copy(t, 'tiny-lm', ('*.safetensors',))}"],
-     r"model.path=.*tiny-lm-broken has no weights \(\*.safetensors or \*.bin\)", True, None, None),
+     r"model.path=.*tiny-lm-broken has no weights \(\*.safetensors or \*.bin\)", False, None, None),
     ("model-without-config", lambda t: [f"model.path={model_copy(t, 'tiny-lm', ('config.json',))}"],
-     r"model.path=.* has no config.json; allowed: an HF-format model folder", True, None, None),
+     r"model.path=.* has no config.json; allowed: an HF-format model folder", False, None, None),
     ("model-path-not-a-folder", lambda t: ["model.path=./no-such-model"],
-     r"model.path=./no-such-model is not a folder; allowed: a model folder or a hub id", True, None, None),
+     r"model.path=./no-such-model is not a folder; allowed: a model folder or a hub id", False, None, None),
     ("reward-without-weights", lambda t: [f"reward.path={model_copy(t, 'tiny-rm', ('*.safetensors',))}"],
-     r"reward.path=.*tiny-rm-broken has no weights", True, None, None),
+     r"reward.path=.*tiny-rm-broken has no weights", False, None, None),
     ("tokenizer-without-chat-template",
      lambda t: [f"model.path={model_copy(t, 'tiny-lm', edit=_no_chat_template)}"],
-     r"tokenizer of .*tiny-lm-broken has no chat template; allowed: a model folder whose", True, None, None),
+     r"tokenizer of .*tiny-lm-broken has no chat template; allowed: a model folder whose", False, None, None),
     ("prompt-longer-than-context",
-     lambda t: ["dataset=gsm8k", f"+dataset.path={_long_question(t)}"],
-     r"prompt of doc '0' has \d+ tokens; with max_new_tokens=16 it exceeds the model context \(512\); "
-     r"allowed: max_new_tokens <= -?\d+", True, None, None),
-    ("max-new-tokens-beyond-model-context", lambda t: ["model.max_context=null", "max_new_tokens=600"],
-     r"with max_new_tokens=600 it exceeds the model context \(512\); allowed: max_new_tokens <= \d+", True, None,
-     None),
+     lambda t: ["dataset=gsm8k", "dataset.n=null", f"+dataset.path={_long_question(t)}"],
+     r"1 of 1 prompts do not fit the model context \(8192 tokens\) with max_new_tokens=16; the longest, doc '0', "
+     r"has \d+ tokens; allowed: model.max_context=\d+ with model.allow_long_context=true \(past the model's 8192 "
+     r"positions: untrained\), or a shorter prompt or another dataset, or the paper's models", False, None, None),
+    ("max-new-tokens-beyond-model-context", lambda t: ["max_new_tokens=9000"],
+     r"with max_new_tokens=9000; the longest, doc '[^']+', has (\d+) tokens; allowed: max_new_tokens <= \d+, or "
+     r"model.max_context=\d+ with model.allow_long_context=true", False, None, None),
     ("truncated-weights", lambda t: [f"model.path={model_copy(t, 'tiny-lm', edit=_truncate_weights)}"],
      r"model.path=.*tiny-lm-broken: could not load it with AutoModelForCausalLM \(\w+: .*\); allowed: a complete",
-     True, None, None),
+     False, None, None),
     ("model-without-tokenizer", lambda t: [f"model.path={model_copy(t, 'tiny-lm', ('tokenizer*',))}"],
-     r"model.path=.*tiny-lm-broken has no tokenizer files", True, None, None),
+     r"model.path=.*tiny-lm-broken has no tokenizer files", False, None, None),
+    ("reward-model-as-policy", lambda t: [f"model.path={assets_dir('tiny-rm')}"],
+     r"model.path=.*tiny-rm is a sequence classifier / reward model \(LlamaForSequenceClassification\), not a "
+     r"causal LM; allowed: a causal LM", False, None, None),
+    ("policy-as-reward-model", lambda t: [f"reward.path={assets_dir('tiny-lm')}"],
+     r"reward.path=.*tiny-lm is a causal LM \(LlamaForCausalLM\), not a sequence classifier", False, None, None),
+    ("context-beyond-positions", lambda t: ["model.max_context=10000"],
+     r"model.max_context=10000 exceeds the 8192 positions of .*tiny-lm; allowed: model.max_context <= 8192, or "
+     r"model.allow_long_context=true", False, None, None),
 ]
 
 
 def _long_question(tmp: Path) -> Path:
     path = tmp / "long.jsonl"
-    path.write_text(json.dumps({"question": "How many apples? " * 40, "answer": "#### 1"}) + "\n")
+    path.write_text(json.dumps({"question": "How many apples? " * 500, "answer": "#### 1"}) + "\n")
     return path
 
 

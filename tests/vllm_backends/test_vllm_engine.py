@@ -38,7 +38,7 @@ def test_generator_contract(engines, tiny_pair):
     _, gen, rm = engines
     assert isinstance(gen, Generator) and isinstance(rm, RewardModel)
     hf_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_pair[0]).parameters())
-    assert gen.n_params == hf_params and gen.max_context == 512 and gen.eos_token_ids == [3]
+    assert gen.n_params == hf_params and gen.max_context == gen.max_positions == 512 and gen.eos_token_ids == [3]
     prompts = prompts_for(gen, 6)
     budgets = [1, 5, 12, 24, 40, 64]
     comps = gen.sample(prompts, budgets, list(range(6)))

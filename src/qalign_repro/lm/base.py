@@ -44,9 +44,12 @@ def check_budget(prompts: list[list[int]], max_tokens: list[int], max_context: i
         if m < 1:
             raise ValueError(f"max_tokens={m} must be >= 1")
         if len(p) + m > max_context:
+            room = max_context - len(p)
+            fit = f"at most {room} new tokens for this prompt, " if room >= 1 else ""
             raise ConfigError(
                 f"prompt of {len(p)} tokens + {m} new tokens exceeds the model context ({max_context}); "
-                "allowed: a shorter prompt or a smaller max_new_tokens"
+                f"allowed: {fit}a shorter prompt, a larger model.max_context (up to the model's positions), or a "
+                "model with a longer context"
             )
 
 

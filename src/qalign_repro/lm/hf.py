@@ -17,6 +17,7 @@ from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.models_io import (
     count_parameters,
+    inspect_model,
     load_pretrained,
     pick_device,
     resolve_model_path,
@@ -42,6 +43,7 @@ class HFGenerator:
 
         backend_cfg = backend_cfg or {}
         self.path = resolve_model_path(model_cfg, "model")
+        spec = inspect_model(model_cfg, self.path, "model", "lm")  # before any weight loads
         self.device = pick_device(str(backend_cfg.get("device", "auto")))
         trust = bool(model_cfg.get("trust_remote_code", False))
         self.tokenizer = load_pretrained(AutoTokenizer, self.path, "model", trust_remote_code=trust)
@@ -50,8 +52,7 @@ class HFGenerator:
         ).to(self.device)
         self.model.eval()
         self.n_params = count_parameters(self.model)
-        cfg_ctx = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_context = int(model_cfg.get("max_context") or cfg_ctx or 2048)
+        self.max_context, self.max_positions = spec.max_context, spec.positions
         eos = self.model.config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id

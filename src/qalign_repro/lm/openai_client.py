@@ -32,6 +32,8 @@ from qalign_repro.lm.vllm_engine import eos_ids, load_tokenizer, model_config, p
 from qalign_repro.models_io import resolve_model_path
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: the start-up probe's limit (seconds): a server that is up lists its models at once
+PROBE_TIMEOUT_S = 10.0
 
 
 class _Retryable(Exception):
@@ -175,6 +177,28 @@ class HTTPPool:
     def get(self, path: str) -> Any:
         return self.request_many(path, [None], method="GET")[0]
 
+    def probe(self, path: str, setting: str) -> Any:
+        """``GET path`` once at start-up, without retries: no server there fails in seconds with one line
+        naming the URL and the ``setting`` that points at it (the retries are for servers that die mid-run). A
+        server that answers with an error goes through ``get`` and its usual messages."""
+        import httpx
+
+        url = self.url(path)
+        limit = min(self.s.timeout_s, PROBE_TIMEOUT_S)
+        try:
+            resp = self.client.get(url, timeout=httpx.Timeout(limit, connect=min(self.s.connect_timeout_s, limit)))
+        except httpx.TransportError as exc:
+            raise BackendUnavailableError(
+                f"{self.label}: no server answers at {self.s.base_url} (GET {url}: {type(exc).__name__}: "
+                f"{str(exc) or 'no detail'}); start it (make serve) or point {setting} at it"
+            ) from None
+        if resp.status_code < 400:
+            try:
+                return resp.json()
+            except ValueError:
+                pass
+        return self.get(path)
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
@@ -185,9 +209,10 @@ def _short(text: str, n: int = 200) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def served_model(pool: HTTPPool, configured: str | None) -> tuple[str, int | None]:
-    """The model name to send and the server's max_model_len (vLLM reports it in /v1/models)."""
-    listing = pool.get("models") or {}
+def served_model(pool: HTTPPool, configured: str | None, setting: str = "backend.base_url") -> tuple[str, int | None]:
+    """The model name to send and the server's max_model_len (vLLM reports it in /v1/models); the first request
+    to the server, so it is the start-up probe."""
+    listing = pool.probe("models", setting) or {}
     data = listing.get("data") or []
     if configured:
         for m in data:
@@ -264,6 +289,10 @@ class OpenAIGenerator:
         answers = self.http.request_many("completions", bodies)
         return [self._completion(a, len(p), return_entropies) for a, p in zip(answers, prompts)]
 
+    def request_engine(self, temperature: float = 1.0) -> OpenAIRequestEngine:
+        """Continuous submission to the server (``methods/driver.py``'s async schedule)."""
+        return OpenAIRequestEngine(self, temperature)
+
     def _completion(self, answer: Mapping[str, Any], n_prompt: int, return_entropies: bool) -> Completion:
         choice = answer["choices"][0]
         ids = choice.get("token_ids")
@@ -295,3 +324,58 @@ class OpenAIGenerator:
 
     def close(self) -> None:
         self.http.close()
+
+
+class OpenAIRequestEngine:
+    """Requests to an OpenAI-compatible server as a ``lm.engine.RequestEngine``: each request is its own POST
+    (with the pool's retries) on a thread of its own, at most ``backend.concurrency`` at a time, and comes back as
+    soon as the server answers it. The server batches whatever is outstanding (vLLM's continuous batching), so
+    a chain's next proposal is sent the moment its step is decided."""
+
+    continuous = True
+
+    def __init__(self, generator: OpenAIGenerator, temperature: float = 1.0):
+        from qalign_repro.lm.engine import EngineStats
+
+        self.gen, self.temperature = generator, float(temperature)
+        self.pool = ThreadPoolExecutor(max_workers=generator.http.s.concurrency, thread_name_prefix="openai-engine")
+        self.futures: dict[Any, Any] = {}
+        self.stats = EngineStats()
+
+    def submit(self, request: Any) -> None:
+        check_budget([request.prompt_ids], [request.max_tokens], self.gen.max_context)
+        logprobs = 0 if self.gen.return_logprobs else None
+        body = self.gen.request_body(request.prompt_ids, request.max_tokens, request.seed, self.temperature, logprobs)
+        fut = self.pool.submit(self.gen.http.request_many, "completions", [body])
+        self.futures[fut] = (request.key, len(request.prompt_ids))
+        self.stats.submitted += 1
+
+    def in_flight(self) -> int:
+        return len(self.futures)
+
+    def wait(self) -> list[tuple[Any, Completion]]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+
+        if not self.futures:
+            return []
+        t0 = time.perf_counter()
+        n = len(self.futures)
+        finished, _ = wait_futures(list(self.futures), return_when=FIRST_COMPLETED)
+        dt = time.perf_counter() - t0
+        self.stats.busy_s += dt
+        self.stats.seq_seconds += dt * n
+        done = []
+        for fut in finished:
+            key, n_prompt = self.futures.pop(fut)
+            comp = self.gen._completion(fut.result()[0], n_prompt, False)  # re-raises the request's one-line error
+            self.stats.finished += 1
+            self.stats.generated_tokens += len(comp.token_ids)
+            done.append((key, comp))
+        return done
+
+    def close(self) -> None:
+        for fut in self.futures:
+            fut.cancel()
+        self.futures.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)

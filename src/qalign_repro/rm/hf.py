@@ -12,6 +12,7 @@ from qalign_repro.errors import ConfigError
 from qalign_repro.lm.hf import render_chat
 from qalign_repro.models_io import (
     count_parameters,
+    inspect_model,
     load_pretrained,
     pick_device,
     resolve_model_path,
@@ -33,6 +34,7 @@ class HFReward:
 
         backend_cfg = backend_cfg or {}
         self.path = resolve_model_path(reward_cfg, "reward")
+        spec = inspect_model(reward_cfg, self.path, "reward", "rm")  # before any weight loads
         self.device = pick_device(str(backend_cfg.get("device", "auto")))
         trust = bool(reward_cfg.get("trust_remote_code", False))
         self.tokenizer = load_pretrained(AutoTokenizer, self.path, "reward", trust_remote_code=trust)
@@ -48,8 +50,7 @@ class HFReward:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         self.pad_id = self.model.config.pad_token_id
         self.n_params = count_parameters(self.model)
-        self.max_context = int(reward_cfg.get("max_context") or
-                               getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_context, self.max_positions = spec.max_context, spec.positions
         self.batch_size = int(backend_cfg.get("rm_batch_size", 32))
 
     def encode(self, prompt: list[dict[str, str]], completion: str) -> list[int]:

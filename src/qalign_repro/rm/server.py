@@ -45,7 +45,7 @@ class ServerReward:
             raise ConfigError("backend.rm_base_url is not set; allowed: the reward server's http(s)://host:port")
         settings.base_url = server_root(settings.base_url)
         self.http = HTTPPool(settings, "reward server")
-        self.model, server_len = served_model(_V1View(self.http), backend_cfg.get("rm_model"))
+        self.model, server_len = served_model(_V1View(self.http), backend_cfg.get("rm_model"), "backend.rm_base_url")
         self.max_context = int(reward_cfg.get("max_context") or cfg.get("max_position_embeddings") or 2048)
         if server_len:
             self.max_context = min(self.max_context, int(server_len))
@@ -80,3 +80,6 @@ class _V1View:
 
     def get(self, path: str) -> Any:
         return self.pool.get(f"v1/{path}")
+
+    def probe(self, path: str, setting: str) -> Any:
+        return self.pool.probe(f"v1/{path}", setting)

@@ -21,22 +21,21 @@ import numpy as np
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.hf import render_chat
 from qalign_repro.lm.vllm_engine import (
+    allow_long_context,
     configure_process,
-        engine_kwargs,
+    engine_kwargs,
     load_tokenizer,
-    model_config,
     params_of,
     require_vllm,
 )
-from qalign_repro.models_io import resolve_model_path
+from qalign_repro.models_io import check_architecture, inspect_model, resolve_model_path
 from qalign_repro.rm.base import REWARDS, Scores
 from qalign_repro.rm.hf import conversation
 
 
 def check_scalar_rm(path: str, cfg: Mapping[str, Any]) -> None:
-    labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1
-    if int(labels) != 1:
-        raise ConfigError(f"reward model {path} has num_labels={labels}; allowed: 1 (a scalar RM)")
+    """A one-label sequence classifier (the shared check of every local backend, models_io)."""
+    check_architecture(cfg, path, "reward", "rm")
 
 
 def encode_conversation(tokenizer: Any, prompt: list[dict[str, str]], completion: str, max_context: int) -> list[int]:
@@ -57,12 +56,12 @@ class VLLMReward:
 
     def __init__(self, reward_cfg: Mapping[str, Any], backend_cfg: Mapping[str, Any] | None = None):
         backend_cfg = dict(backend_cfg or {})
-        vllm = require_vllm("backend.reward=vllm")
+        vllm = require_vllm("backend.reward=vllm", backend_cfg)
         self.path = resolve_model_path(reward_cfg, "reward")
-        cfg = model_config(self.path)
-        check_scalar_rm(self.path, cfg)
+        spec = inspect_model(reward_cfg, self.path, "reward", "rm")  # before the engine loads any weight
+        self.max_context, self.max_positions = spec.max_context, spec.positions
+        allow_long_context(reward_cfg, spec)
         self.tokenizer = load_tokenizer(self.path, bool(reward_cfg.get("trust_remote_code", False)))
-        self.max_context = int(reward_cfg.get("max_context") or cfg.get("max_position_embeddings") or 2048)
         self.n_params = params_of(self.path, reward_cfg)
         kwargs = engine_kwargs(self.path, reward_cfg, backend_cfg.get("rm_engine"), "rm", self.max_context)
         kwargs.update(configure_process(backend_cfg))

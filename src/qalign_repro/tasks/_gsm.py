@@ -13,6 +13,8 @@ from qalign_repro.tasks.base import Doc, Task
 _FINAL = re.compile(r"####\s*(.+?)\s*$")
 _HASHES = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 _CALC = re.compile(r"<<[^<>]*>>")
+#: the fields every GSM-style row needs (``check_row`` kinds)
+GSM_FIELDS = {"question": "text", "answer": "text"}
 
 
 def solution_final_number(solution: str, where: str) -> str:
@@ -21,7 +23,8 @@ def solution_final_number(solution: str, where: str) -> str:
     match = _FINAL.search(lines[-1]) if lines else None
     value = normalize_number(match.group(1)) if match else None
     if value is None:
-        raise DataError(f"{where}: the solution has no '#### <number>' line; got {solution[-60:]!r}")
+        raise DataError(f"{where}: field 'answer' has no '#### <number>' line (got ...{solution[-60:]!r}); "
+                        "allowed: a worked solution ending in '#### <number>'")
     return value
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign_repro.errors import ConfigError, DataError
-from qalign_repro.tasks.base import bundled_data_path, read_jsonl
+from qalign_repro.tasks.base import Rows, bundled_data_path, read_jsonl
 
 _SHA_CACHE: dict[tuple[str, float], str] = {}
 
@@ -39,7 +39,7 @@ def bundled_path(cfg: Mapping[str, Any], *parts: str) -> Path:
     return Path(str(override)) if override else bundled_data_path(*parts)
 
 
-def bundled_rows(cfg: Mapping[str, Any], *parts: str) -> list[dict[str, Any]]:
+def bundled_rows(cfg: Mapping[str, Any], *parts: str) -> Rows:
     return read_jsonl(bundled_path(cfg, *parts))
 
 
@@ -60,7 +60,7 @@ def hub_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return hub
 
 
-def hub_rows(cfg: Mapping[str, Any], config: str | None = None) -> list[dict[str, Any]]:
+def hub_rows(cfg: Mapping[str, Any], config: str | None = None) -> Rows:
     """Rows of ``hub.id`` / ``config`` (default ``hub.config``) / ``hub.split`` via ``datasets.load_dataset``."""
     hub = hub_settings(cfg)
     name = config if config is not None else hub.get("config")
@@ -73,6 +73,10 @@ def hub_rows(cfg: Mapping[str, Any], config: str | None = None) -> list[dict[str
             kwargs[key] = str(hub[key])
     if data_files:
         kwargs["data_files"] = data_files if not isinstance(data_files, Mapping) else dict(data_files)
+    if not data_files:  # a hub dataset: decide once whether the hub answers (offline, the local cache only)
+        from qalign_repro.hub_access import offline_reason
+
+        offline_reason()
     try:
         from datasets import load_dataset
 
@@ -83,7 +87,8 @@ def hub_rows(cfg: Mapping[str, Any], config: str | None = None) -> list[dict[str
             f"could not load hub dataset {hub['id']!r} (config {name!r}, split {kwargs['split']!r}): "
             f"{type(exc).__name__}: {first}; set dataset.source=bundled to use the packaged copy"
         ) from None
-    return [dict(row) for row in ds]
+    where = f"hub dataset {hub['id']!r} (config {name!r}, split {kwargs['split']!r}) row"
+    return Rows((dict(row) for row in ds), (f"{where} {i}" for i in range(len(ds))))
 
 
 class SourceMixin:
@@ -107,7 +112,7 @@ class SourceMixin:
             raise DataError(f"data file {str(path)!r} does not exist")
         return {"source": "bundled", "path": str(path), "sha256": file_sha256(path)}
 
-    def _rows(self) -> list[dict[str, Any]]:
+    def _rows(self) -> Rows:
         if source_of(self.cfg, getattr(self, "sources", ("bundled", "hub"))) == "hub":
             return hub_rows(self.cfg)
         check_bundled_split(self.cfg, self.bundled_split)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from qalign_repro.tasks._gsm import GSMStyleTask
+from qalign_repro.tasks._gsm import GSM_FIELDS, GSMStyleTask, solution_final_number
 from qalign_repro.tasks._source import SourceMixin
-from qalign_repro.tasks.base import TASKS, Doc, require_fields
+from qalign_repro.tasks.base import TASKS, Doc, check_row
 
 
 @TASKS.register("gsm8k")
@@ -19,7 +19,9 @@ class GSM8K(SourceMixin, GSMStyleTask):
 
     def load_all(self) -> list[Doc]:
         docs = []
-        for i, row in enumerate(self._rows()):
-            require_fields(row, ["question", "answer"], f"gsm8k row {i}")
+        rows = self._rows()
+        for i, row in enumerate(rows):
+            check_row(row, GSM_FIELDS, rows.where(i))
+            solution_final_number(row["answer"], rows.where(i))  # no '#### N': caught here, not after generation
             docs.append({"id": str(i), "question": row["question"], "answer": row["answer"]})
         return docs

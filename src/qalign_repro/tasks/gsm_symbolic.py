@@ -33,7 +33,7 @@ from qalign_repro.tasks._source import (
     hub_settings,
     source_of,
 )
-from qalign_repro.tasks.base import TASKS, Doc, Task, bundled_data_path, read_jsonl, require_fields
+from qalign_repro.tasks.base import TASKS, Doc, Task, bundled_data_path, check_row, read_jsonl
 
 #: bump when the instantiator changes what it draws, so disk caches of older draws are not reused
 GENERATOR_VERSION = 1
@@ -48,8 +48,10 @@ def load_templates(variant: str, path: str | None = None) -> dict[int, Template]
     file = Path(path) if path else bundled_data_path("gsm_symbolic", TEMPLATE_FILES[variant])
     tag = "p1" if variant == "p1" else "p2" if variant == "p2" else "symbolic"
     templates = {}
-    for row in read_jsonl(file):
-        require_fields(row, ["id_shuffled", "id_orig", "question_annotated", "answer_annotated"], f"{file.name}")
+    rows = read_jsonl(file)
+    for i, row in enumerate(rows):
+        check_row(row, {"id_shuffled": "int", "id_orig": "int", "question_annotated": "text",
+                        "answer_annotated": "text"}, rows.where(i))
         tpl = parse_template(row, tag)
         templates[tpl.template_id] = tpl
     return templates
@@ -134,7 +136,7 @@ class GSMSymbolic(SourceMixin, GSMStyleTask):
     # -- docs ---------------------------------------------------------------------------------------------
     @staticmethod
     def _doc(row: dict[str, Any], where: str) -> Doc:
-        require_fields(row, ["id", "instance", "question", "answer"], where)
+        check_row(row, {"id": "int", "instance": "int", "question": "text", "answer": "text"}, where)
         doc = {"id": f"{int(row['id'])}-{int(row['instance'])}", "template_id": int(row["id"]),
                "instance": int(row["instance"]), "question": row["question"], "answer": row["answer"],
                "original_id": row.get("original_id")}
@@ -145,11 +147,11 @@ class GSMSymbolic(SourceMixin, GSMStyleTask):
         source = self._source()
         if source == "hub":
             rows = hub_rows(self.cfg)
-            return [self._doc(r, f"{self.name} hub row {i}") for i, r in enumerate(rows)]
+            return [self._doc(r, rows.where(i)) for i, r in enumerate(rows)]
         check_bundled_split(self.cfg, "test")
         if source == "bundled":
             rows = read_jsonl(self._official_path())
-            return [self._doc(r, f"{self.name} row {i}") for i, r in enumerate(rows)]
+            return [self._doc(r, rows.where(i)) for i, r in enumerate(rows)]
         templates = self.templates()
         return [d for tid in sorted(templates) for d in self.generated(tid)]
 

@@ -21,9 +21,10 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
+from qalign_repro.errors import DataError
 from qalign_repro.tasks._prompt import Messages, chat_prompt
 from qalign_repro.tasks._source import SourceMixin
-from qalign_repro.tasks.base import TASKS, Doc, Task, bundled_data_path, require_fields
+from qalign_repro.tasks.base import TASKS, Doc, Task, bundled_data_path, check_row
 
 METRICS = ("prompt_level_strict", "inst_level_strict", "prompt_level_loose", "inst_level_loose")
 
@@ -66,8 +67,15 @@ class IFEval(SourceMixin, Task):
 
     def load_all(self) -> list[Doc]:
         docs = []
-        for i, row in enumerate(self._rows()):
-            require_fields(row, ["key", "prompt", "instruction_id_list", "kwargs"], f"ifeval row {i}")
+        rows = self._rows()
+        for i, row in enumerate(rows):
+            where = rows.where(i)
+            check_row(row, {"key": "int", "prompt": "text", "instruction_id_list": "texts", "kwargs": "list"}, where)
+            if len(row["kwargs"]) != len(row["instruction_id_list"]) or not all(
+                    kw is None or isinstance(kw, dict) for kw in row["kwargs"]):
+                raise DataError(f"{where}: field 'kwargs' does not match 'instruction_id_list' "
+                                f"({len(row['instruction_id_list'])} instructions); allowed: one object (or null) "
+                                "per instruction")
             docs.append({
                 "id": str(row["key"]), "key": int(row["key"]), "prompt": row["prompt"],
                 "instruction_id_list": list(row["instruction_id_list"]), "kwargs": _clean_kwargs(row["kwargs"]),

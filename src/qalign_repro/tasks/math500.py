@@ -9,7 +9,7 @@ from typing import Any
 
 from qalign_repro.tasks._prompt import Messages, chat_prompt
 from qalign_repro.tasks._source import SourceMixin
-from qalign_repro.tasks.base import TASKS, Doc, Task, require_fields
+from qalign_repro.tasks.base import TASKS, Doc, Task, check_row
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 
@@ -84,8 +84,9 @@ class MATH500(SourceMixin, Task):
 
     def load_all(self) -> list[Doc]:
         docs = []
-        for i, row in enumerate(self._rows()):
-            require_fields(row, ["problem", "solution", "answer", "unique_id"], f"math500 row {i}")
+        rows = self._rows()
+        for i, row in enumerate(rows):
+            check_row(row, {"problem": "text", "solution": "text", "answer": "text", "unique_id": "id"}, rows.where(i))
             docs.append({
                 "id": str(row["unique_id"]), "problem": row["problem"], "solution": row["solution"],
                 "answer": row["answer"], "subject": row.get("subject"), "level": row.get("level"),

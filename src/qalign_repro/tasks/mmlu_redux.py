@@ -12,7 +12,7 @@ from typing import Any
 from qalign_repro.errors import ConfigError, DataError
 from qalign_repro.tasks._mc import MultipleChoiceTask, shuffled
 from qalign_repro.tasks._source import SourceMixin, hub_rows, source_of
-from qalign_repro.tasks.base import TASKS, Doc, require_fields
+from qalign_repro.tasks.base import TASKS, Doc, Rows, check_row
 
 SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
@@ -80,11 +80,12 @@ class MMLURedux(SourceMixin, MultipleChoiceTask):
             raise ConfigError(f"dataset.error_types has unknown label(s) {unknown}; allowed: null (keep all) or {', '.join(ERROR_TYPES)}")
         return kept
 
-    def _raw_rows(self, subjects: list[str]) -> list[dict[str, Any]]:
+    def _raw_rows(self, subjects: list[str]) -> Rows:
         if source_of(self.cfg) == "hub":
-            rows = []
+            rows = Rows()
             for subject in subjects:
-                rows.extend({**r, "subject": subject} for r in hub_rows(self.cfg, config=subject))
+                part = hub_rows(self.cfg, config=subject)
+                rows.extend_from(Rows(({**r, "subject": subject} for r in part), part.locations))
             return rows
         return self._rows()
 
@@ -95,8 +96,15 @@ class MMLURedux(SourceMixin, MultipleChoiceTask):
         seed = self.shuffle_seed()
         counters: dict[str, int] = {}
         docs = []
-        for i, row in enumerate(self._raw_rows(subjects)):
-            require_fields(row, ["question", "choices", "answer", "error_type", "subject"], f"mmlu_redux row {i}")
+        rows = self._raw_rows(subjects)
+        for i, row in enumerate(rows):
+            where = rows.where(i)
+            check_row(row, {"question": "text", "choices": "texts", "answer": "int", "subject": "text"}, where)
+            if "error_type" not in row:
+                raise DataError(f"{where}: field 'error_type' is missing; allowed: an annotator label ({', '.join(ERROR_TYPES)})")
+            if not 0 <= row["answer"] < len(row["choices"]):
+                raise DataError(f"{where}: field 'answer' is {row['answer']} but there are {len(row['choices'])} "
+                                f"choices; allowed: 0..{len(row['choices']) - 1}")
             subject = row["subject"]
             index = counters.get(subject, 0)
             counters[subject] = index + 1
@@ -104,7 +112,7 @@ class MMLURedux(SourceMixin, MultipleChoiceTask):
                 continue
             label = normalize_error_type(row["error_type"])
             if label not in ERROR_TYPES:
-                raise DataError(f"mmlu_redux row {i} ({subject}): unknown error_type {row['error_type']!r}; known: {', '.join(ERROR_TYPES)}")
+                raise DataError(f"{where} ({subject}): unknown error_type {row['error_type']!r}; known: {', '.join(ERROR_TYPES)}")
             if kept is not None and label not in kept:
                 continue
             doc_id = f"{subject}/{index}"

@@ -11,7 +11,7 @@ from typing import Any
 from qalign_repro.errors import DataError
 from qalign_repro.tasks._mc import MultipleChoiceTask, shuffled
 from qalign_repro.tasks._source import SourceMixin
-from qalign_repro.tasks.base import TASKS, Doc, require_fields
+from qalign_repro.tasks.base import TASKS, Doc, check_row
 
 
 def mc1_options(targets: Any, where: str) -> tuple[list[str], int]:
@@ -41,9 +41,10 @@ class TruthfulQA(SourceMixin, MultipleChoiceTask):
     def load_all(self) -> list[Doc]:
         seed = self.shuffle_seed()
         docs = []
-        for i, row in enumerate(self._rows()):
-            require_fields(row, ["question", "mc1_targets"], f"truthfulqa row {i}")
-            choices, gold = mc1_options(row["mc1_targets"], f"truthfulqa row {i}")
+        rows = self._rows()
+        for i, row in enumerate(rows):
+            check_row(row, {"question": "text", "mc1_targets": "mapping"}, rows.where(i))
+            choices, gold = mc1_options(row["mc1_targets"], rows.where(i))
             choices, gold = shuffled(str(i), choices, gold, seed)
             docs.append({"id": str(i), "question": row["question"], "choices": choices, "gold_index": gold})
         return docs
