@@ -30,10 +30,14 @@ demo: install
 	$(PY) -m qalign_repro.plot experiment=tiny runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.summary experiment=tiny $(OVERRIDES)
 
-# The paper's task-specific experiment in miniature (Fig. 2 style figure + table under results/).
-reproduce-tiny: install
-	$(PY) -m qalign_repro.run experiment=tiny_repro method=ancestral $(OVERRIDES)
-	$(PY) -m qalign_repro.run experiment=tiny_repro method=qalign $(OVERRIDES)
+# The paper's task-specific experiment in miniature (Fig. 2 style figure + table under results/): 256 prompts x 32,
+# on the in-process vLLM engine (ancestral samples in bulk, chains advancing on their own); REPRO_BACKEND=hf runs
+# it without vLLM (slower).
+REPRO_BACKEND ?= vllm
+REPRO_ARGS = $(if $(filter vllm,$(REPRO_BACKEND)),backend=vllm backend.in_process=true,backend=$(REPRO_BACKEND))
+reproduce-tiny: install $(if $(filter vllm,$(REPRO_BACKEND)),install-vllm)
+	$(PY) -m qalign_repro.run experiment=tiny_repro method=ancestral $(REPRO_ARGS) $(OVERRIDES)
+	$(PY) -m qalign_repro.run experiment=tiny_repro method=qalign $(REPRO_ARGS) $(OVERRIDES)
 	$(PY) -m qalign_repro.evaluate experiment=tiny_repro runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.predict experiment=tiny_repro runs=all $(OVERRIDES)
 	$(PY) -m qalign_repro.plot experiment=tiny_repro runs=all $(OVERRIDES)
@@ -118,7 +122,8 @@ $(VENV)/.vllm-installed: $(VENV)/.installed
 serve: install-vllm
 	bash scripts/serve.sh $(OVERRIDES)
 
-# QAlign vs ancestral cost on one in-process vLLM engine; writes the "QAlign cost (vLLM)" section of docs/performance.md.
+# What the step driver's schedules buy on one in-process vLLM engine (lock-step vs bulk / async, QAlign vs
+# ancestral, engine occupancy); BENCH_ARGS=--write replaces the "Schedules" section of docs/performance.md.
 BENCH_ARGS ?=
 bench-cost: install-vllm
-	$(PY) scripts/bench_qalign_cost.py $(BENCH_ARGS)
+	$(PY) scripts/bench_schedule.py $(BENCH_ARGS)

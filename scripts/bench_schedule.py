@@ -64,9 +64,54 @@ class Recorder:
 
 
 def reset_cache(gen: Any) -> None:
+    """Clear the engine's prefix cache (in process), or ask the server to (vLLM's dev-mode endpoint, which
+    ``--serve`` turns on)."""
     llm = getattr(gen, "llm", None)
     if llm is not None:
         llm.reset_prefix_cache()
+        return
+    http = getattr(gen, "http", None)
+    if http is not None:
+        import httpx
+
+        base = http.s.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            httpx.post(f"{base}/reset_prefix_cache", timeout=30)
+        except httpx.HTTPError:
+            pass
+
+
+class Servers:
+    """``scripts/serve.sh`` (the two-terminal workflow's servers) on free local ports, for ``backend=openai``."""
+
+    def __init__(self, overrides: list[str]):
+        import socket
+
+        ports = []
+        for _ in range(2):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+        self.urls = [f"backend.base_url=http://127.0.0.1:{ports[0]}/v1",
+                     f"backend.rm_base_url=http://127.0.0.1:{ports[1]}"]
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", SERVE_LOG_DIR=str(Path("/tmp") / f"bench-serve-{ports[0]}"))
+        for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):
+            env.pop(var, None)
+        self.proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), *overrides, *self.urls], cwd=ROOT,
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            print(line.rstrip(), file=sys.stderr)
+            if "serve: ready" in line:
+                return
+        raise RuntimeError("the servers did not start (see the lines above)")
+
+    def stop(self) -> None:
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=120)
 
 
 def measure(method_name: str, schedule: str, gen: Any, reward: Any, chains_of: Any, steps: int, seed: int,
@@ -130,14 +175,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="replace the Schedules section of docs/performance.md")
+    ap.add_argument("--serve", action="store_true",
+                    help="backend=openai against scripts/serve.sh's servers (started here on free ports)")
     args, overrides = ap.parse_known_args()
+    servers = None
+    if args.serve:
+        servers = Servers(overrides)
+        overrides = ["backend=openai", *servers.urls, *overrides]
+    try:
+        run_all(args, overrides)
+    finally:
+        if servers is not None:
+            servers.stop()
+
+
+def run_all(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from qalign_repro.cli import compose_config
     from qalign_repro.methods.base import Chain
     from qalign_repro.run import build_backends
     from qalign_repro.tasks import get_task
 
-    cfg = compose_config([*DEFAULTS, f"dataset.n={args.prompts}", *overrides])
+    base = DEFAULTS if not args.serve else [d for d in DEFAULTS if not d.startswith("backend")]
+    cfg = compose_config([*base, f"dataset.n={args.prompts}", *overrides])
     t_load = time.perf_counter()
     gen, reward = build_backends(cfg)
     load_s = time.perf_counter() - t_load
@@ -221,11 +281,13 @@ def main() -> None:
     if args.write:
         path = ROOT / "docs" / "performance.md"
         doc = path.read_text()
-        start = doc.find(SECTION)
+        section = SECTION if not args.serve else SECTION + " (OpenAI-compatible servers)"
+        text = text.replace(SECTION, section, 1)
+        start = doc.find(section + "\n")
         if start < 0:
             doc = doc.rstrip() + "\n\n" + text
         else:
-            nxt = doc.find("\n## ", start + len(SECTION))
+            nxt = doc.find("\n## ", start + len(section))
             doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
         path.write_text(doc)
     for closer in (gen, reward):

@@ -146,7 +146,7 @@ def test_result_of_samples_and_free_prompts(toy, tmp_path):
     assert result.kind == "samples" and result.acceptance is None and result.diagnostics is None
     assert result.store is not None and result.store.steps_done() == 3
     p = result.prompts[0]
-    assert p.correct == [None] * 3 and p.gold is None and result.accuracy() is None
+    assert p.correct == [None] * 3 and p.gold is None and result.accuracy() is None and p.acceptance is None
     assert p.answers == [get_task({"name": "arith"}).extract(o["text"]) for o in p.outputs]
     assert set(result.to_pandas()["correct"].isna()) == {True}
     with pytest.raises(ConfigError, match="task doc"):

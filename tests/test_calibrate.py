@@ -100,7 +100,8 @@ def test_calibration_on_tiny_models_hits_target(tmp_path):
     """On the tiny models (experiment=tiny: 128 rm_train prompts, counting the proposals that change the
     completion) the calibrated beta gives 50 +- 10 % acceptance, also on 160 test prompts it never saw, counted
     as the share of proposals the chains accepted."""
-    cfg = compose_config(["experiment=tiny", f"output_root={tmp_path}", "progress=false"])
+    # 8-step chains (tiny_repro's setting; the demo's 16 would double this test's ~2.5 min)
+    cfg = compose_config(["experiment=tiny", f"output_root={tmp_path}", "progress=false", "calibrate.steps=8"])
     assert cfg.calibrate.count == "changed" and cfg.calibrate.prompts >= 128
     generator, reward = build_backends(cfg)
     result = calibrate_beta(cfg, generator, reward)

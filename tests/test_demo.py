@@ -24,8 +24,8 @@ from qalign_repro.summary import read_table, summarize
 from qalign_repro.tiny import assets_dir
 
 REGENERATE = ("the shipped calibration no longer matches the shipped models or experiment=tiny's calibrate "
-              "settings; rerun: python -m qalign_repro.calibrate experiment=tiny && "
-              "python scripts/ship_calibration.py results/calibration/tiny.json")
+              "settings; rerun, for experiment=tiny (and tiny_repro): python -m qalign_repro.calibrate "
+              "experiment=tiny && python scripts/ship_calibration.py results/calibration/tiny.json")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,8 @@ def test_other_weights_or_settings_ignore_the_shipped_calibration(tiny_cfg):
     assert shipped_calibration(compose_config(["experiment=tiny", "reward=toy"]), prints) is None
     entries = json.loads((assets_dir("tiny-rm") / SHIPPED_FILE).read_text())["calibrations"]
     assert all(e["weights"]["model"] and e["weights"]["reward"] for e in entries)
+    # reproduce-tiny (8-state chains) has its own shipped entry
+    assert shipped_calibration(compose_config(["experiment=tiny_repro"]), prints) is not None, REGENERATE
 
 
 def _changed_pairs(store):

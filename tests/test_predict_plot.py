@@ -469,13 +469,15 @@ def test_sweep_runs_are_separate_series_in_csv_console_table_and_figures(sweep_r
     wide, _ = pl.table1(pl.with_metric(pl.prepare(csv), "accuracy"))
     assert sorted(wide.index) == sorted(set(table["label"]))
     assert {p.name for p in paths} >= {"beta_sweep_arith.png", "beta_sweep_arith.pdf"}
+    tex = (tmp_path / "tab" / "table1.tex").read_text()
+    assert r"QAlign $\beta$=0.01 seed=0" in tex and "Avg" not in tex
     df = pl.with_metric(pl.prepare(csv), "accuracy")
     styles = pl.series_styles(df)
     fig = pl.figure_dataset(df, styles, "accuracy", "arith")
     assert set(plotted(fig.axes[0])) == set(table["label"])
     pl.plt.close(fig)
     sweeps = pl.beta_sweeps(df)
-    assert set(sweeps) == {"arith"} and sorted(sweeps["arith"].groupby("sweep")["beta"].nunique()) == [3]
+    assert set(sweeps) == {"arith"} and sorted(sweeps["arith"].groupby("sweep_group")["beta"].nunique()) == [3]
     fig = pl.figure_beta_sweep(df, sweeps["arith"], styles, "accuracy", "arith")
     ax_m, ax_a = fig.axes[:2]
     (x, y), = [c.lines[0].get_data() for c in ax_m.containers]

@@ -74,6 +74,12 @@ def _backend_for(cfg: Mapping[str, Any], backend: str | None) -> str:
     return backend or ("toy" if cfg.get("name") == "toy" else "hf")
 
 
+def _reward_extra(reward: Any) -> dict[str, Any]:
+    from qalign_repro.rm.mix import describe_reward
+
+    return describe_reward(reward)
+
+
 def _tuned(backend: Any) -> Any:
     """One torch thread for a tiny model on the CPU: with the default one per core, the README example took 86 s
     on a loaded 2-core machine instead of ~1 s (``threads.py``)."""
@@ -96,11 +102,19 @@ def load_model(name: str | Mapping[str, Any] = "tiny", *, backend: str | None = 
 
 def load_reward(name: str | Mapping[str, Any] = "tiny", *, backend: str | None = None, device: str = "auto",
                 **overrides: Any) -> Any:
-    """Load a reward model, resolved like ``load_model`` (``conf/reward`` entries: ``tiny``, ``toy``)."""
+    """Load a reward model, resolved like ``load_model`` (``conf/reward`` entries: ``tiny``, ``toy``, ``python``
+    with ``target="pkg.module:function"``, ``mix``; a mix's model components each get their own default
+    backend). ``qalign_repro.rm.mix.MixReward([(reward, weight), ...])`` composes loaded rewards directly."""
+    from qalign_repro import naming  # noqa: F401  registers ${model_label:} for the mix's named components
     from qalign_repro.rm import REWARDS
+    from qalign_repro.rm.mix import build_reward, thread_backends
+    from qalign_repro.threads import tune_cpu_threads
 
     cfg = _model_config("reward", name, overrides)
-    return _tuned(REWARDS.get(_backend_for(cfg, backend))(cfg, {"device": device}))
+    reward = build_reward(cfg, {"device": device},
+                          lambda c, b: REWARDS.get(_backend_for(c, backend))(c, b))
+    tune_cpu_threads(*thread_backends(reward))  # as _tuned, for the model components only
+    return reward
 
 
 # -- prompts ------------------------------------------------------------------------------------------------
@@ -178,10 +192,13 @@ class Sampler:
     def _settings(self) -> dict[str, Any]:
         """Everything that changes what is generated (the run name hashes it)."""
         method = {k: v for k, v in self.method_cfg.items() if not (k == "chains" and v == 1)}  # as before the option
+        if method.get("init", "ancestral") == "ancestral":  # ancestral starts: as before warm starts existed
+            method = {k: v for k, v in method.items() if k not in ("init", "init_output")}
         return {"method": method, "beta": self.beta, "seed": self.seed, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens,
                 "model": {"name": getattr(self.model, "name", None), "path": str(getattr(self.model, "path", None))},
-                "reward": {"name": getattr(self.reward, "name", None), "path": str(getattr(self.reward, "path", None))}}
+                "reward": {"name": getattr(self.reward, "name", None), "path": str(getattr(self.reward, "path", None)),
+                           **_reward_extra(self.reward)}}  # python / mix: target, components (rm/mix.py)
 
     def run(self, prompts: Sequence[Prompt | Mapping[str, Any]], steps: int = 1, *,
             prompt_ids: Sequence[str] | None = None, task: Any = None, output_root: str | Path | None = None,
@@ -217,6 +234,11 @@ class Sampler:
                          max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                          batch_size=self.batch_size, method_cfg=self.method_cfg)
         method = self._method()
+        from qalign_repro.warm_start import attach
+
+        # init=run:<name> reads a run under output_root (here, the current folder without one); init=file:<path>
+        attach(method, [(c.prompt_id, c.prompt_id, 0) for c in chains], self.model, self.max_new_tokens,
+               output_root if output_root is not None else ".")
         if output_root is None:
             records: list[list[dict[str, Any]]] = [[] for _ in chains]
             self._loop(method, ctx, chains, records, 0, steps, None, progress)
@@ -228,11 +250,12 @@ class Sampler:
                 task: Any, store: Any) -> Result:
         from qalign_repro.api_result import PromptResult, Result, grade_outputs
 
+        kind = METHODS.get(self.method).kind
         prompts = [PromptResult(prompt_id=c.prompt_id, messages=c.messages, outputs=r, doc=d,
                                 grades=None if task is None else grade_outputs(task, d, r),
-                                gold=None if task is None or d is None else str(task.gold(d)))
+                                gold=None if task is None or d is None else str(task.gold(d)), chain=kind == "chain")
                    for c, r, d in zip(chains, records, docs)]
-        return Result(method=self.method, kind=METHODS.get(self.method).kind, beta=self.beta, prompts=prompts,
+        return Result(method=self.method, kind=kind, beta=self.beta, prompts=prompts,
                       task=None if task is None else getattr(task, "name", None), store=store)
 
     def _run_stored(self, method: Any, ctx: RunContext, chains: list[Chain], steps: int, root: Path,

@@ -34,6 +34,7 @@ class PromptResult:
     grades: list[dict[str, Any]] | None = None
     doc: dict[str, Any] | None = None
     gold: str | None = None
+    chain: bool = True  # False for independent samples, which have no acceptance
 
     @property
     def final(self) -> dict[str, Any]:
@@ -50,7 +51,9 @@ class PromptResult:
 
     @property
     def acceptance(self) -> float | None:
-        """Share of accepted proposals after the initial state (None with fewer than two outputs)."""
+        """Share of accepted proposals after the initial state (None for samples or fewer than two outputs)."""
+        if not self.chain:
+            return None
         moves = [bool(o["accepted"]) for o in self.outputs[1:]]
         return sum(moves) / len(moves) if moves else None
 

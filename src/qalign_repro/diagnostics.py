@@ -24,8 +24,9 @@ def run_diagnostics(store: RunStore) -> dict[str, Any]:
 
 def chain_diagnostics(chains: Iterable[Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """The diagnostics of chains given as their output lists (the API's results have no store)."""
-    accepted, unchanged, rewards, suffix = [], [], [], []
+    accepted, unchanged, rewards, suffix, inits = [], [], [], [], []
     for outs in chains:
+        inits.append(outs[0].get("init") if outs else None)
         accepted.append([o["accepted"] for o in outs])
         ids = [o.get("completion_ids") for o in outs]
         unchanged.append([False] + [a is not None and a == b for a, b in zip(ids[1:], ids[:-1])])
@@ -42,6 +43,7 @@ def chain_diagnostics(chains: Iterable[Sequence[dict[str, Any]]]) -> dict[str, A
     pooled = changed_acceptance_rate(acc[:, 1:].ravel(), same[:, 1:].ravel(), skip_first=False)
     ess = effective_sample_size(rew) if steps >= 4 else np.full(len(rew), np.nan)
     gen = np.array([s[: steps - 1] for s in suffix], dtype=np.float64)
+    burn = int(estimate_burn_in(rew))
     return {
         "steps": steps,
         "chains": len(acc),
@@ -54,7 +56,25 @@ def chain_diagnostics(chains: Iterable[Sequence[dict[str, Any]]]) -> dict[str, A
         "mean_suffix_tokens": float(gen.mean()) if gen.size else None,
         "reward_ess_per_chain": [None if np.isnan(x) else float(x) for x in ess],
         "reward_ess_mean": float(np.nanmean(ess)) if np.isfinite(ess).any() else None,
-        "burn_in_estimate": int(estimate_burn_in(rew)),
+        "burn_in_estimate": burn,
+        **_start_and_trace(rew, burn, inits),
+    }
+
+
+def _start_and_trace(rew: np.ndarray, burn: int, inits: list[str | None]) -> dict[str, Any]:
+    """Where the chains started and how the mean reward moved from there: a warm start (``method.init``) from
+    worse completions than the target's shows as a rising trace and a burn-in > 0, which is the only thing a
+    warm start changes about an exact chain. The trace is the cross-chain mean reward, thinned to <= 32 states."""
+    steps = rew.shape[1]
+    at = sorted({int(round(x)) for x in np.linspace(0, steps - 1, min(steps, 32))})
+    mean = np.nanmean(rew, axis=0)
+    warm = [s for s in inits if s]
+    return {
+        "warm_started_chains": len(warm),
+        "init_sources": sorted({s.split("#")[0] for s in warm}),
+        "reward_mean_state0": float(mean[0]),
+        "reward_mean_after_burn_in": float(mean[min(burn, steps - 1):].mean()),
+        "reward_trace": {"state": at, "mean": [float(mean[k]) for k in at]},
     }
 
 
@@ -73,5 +93,8 @@ def format_diagnostics(d: dict[str, Any]) -> str:
         f"  reward-trace ESS (mean over chains) {d['reward_ess_mean']:.1f}" if d["reward_ess_mean"] is not None
         else "  reward-trace ESS -",
         f"  burn-in estimate {d['burn_in_estimate']} states",
+        (f"  warm start: {d['warm_started_chains']} chains from {', '.join(d['init_sources'])}; mean reward "
+         f"{d['reward_mean_state0']:.3f} at state 0, {d['reward_mean_after_burn_in']:.3f} after burn-in")
+        if d.get("warm_started_chains") else "",
     ]
     return "\n".join(x for x in lines if x)

@@ -51,6 +51,8 @@ def n_params_of(meta: Mapping[str, Any], which: str = "model") -> float:
     info = meta.get(which) or {}
     if isinstance(info, Mapping) and info.get("n_params"):
         return float(info["n_params"])
+    if isinstance(info, Mapping) and info.get("kind") in ("python", "mix") and info.get("n_params") == 0:
+        return 0.0  # a Python reward (or a mix of them only): no model reads the text
     path = info.get("path") if isinstance(info, Mapping) else None
     if path and (Path(path) / "config.json").is_file():
         return float(params_from_hf_config(Path(path) / "config.json")["total"])
@@ -58,6 +60,30 @@ def n_params_of(meta: Mapping[str, Any], which: str = "model") -> float:
         f"run {meta.get('run_name', '?')!r}: meta has no {which}.n_params and no readable config.json at "
         f"{which}.path={path!r}; cannot compute FLOPs (rerun with a current version or set the meta)"
     )
+
+
+def reward_label(meta: Mapping[str, Any]) -> str:
+    """The RM's name for tables, saying what each part of a python / mix reward costs: ``"python:len (0
+    FLOPs)"``, ``"mix(1×tiny + 0.01×len [python, 0 FLOPs])"``; a model reward is just its name. Read from the
+    run meta (``reward.kind`` / ``components``, written by run.py from ``rm/mix.describe_reward``)."""
+    info = meta.get("reward") or {}
+    if not isinstance(info, Mapping):
+        return "?"
+    name = str(info.get("name") or "?")
+    kind = info.get("kind")
+    if kind == "python":
+        return f"python:{name} (0 FLOPs)"
+    if kind != "mix":
+        return name
+    parts = []
+    for c in info.get("components") or []:
+        label = f"{c.get('weight', 1.0):g}×{c.get('name', '?')}"
+        if c.get("kind") == "python":
+            label += " [python, 0 FLOPs]"
+        elif c.get("kind") == "mix":
+            label = f"{c.get('weight', 1.0):g}×{reward_label({'reward': c})}"
+        parts.append(label)
+    return f"{name}({' + '.join(parts)})"
 
 
 def params_from_hf_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, int]:

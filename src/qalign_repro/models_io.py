@@ -195,7 +195,11 @@ def inspect_model(cfg: Mapping[str, Any], path: str, what: str, kind: str) -> Mo
 
 
 def load_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with a one-line error for broken folders (truncated weights, no tokenizer)."""
+    """``loader.from_pretrained`` with a one-line error for broken folders (truncated weights, no tokenizer).
+    transformers' per-load "Loading weights" bar is turned off: a run prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(path, **kwargs)
     except Exception as exc:  # safetensors, tokenizers and torch raise their own types for a damaged folder

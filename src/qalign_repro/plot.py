@@ -35,6 +35,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from qalign_repro.errors import ConfigError, DataError  # noqa: E402
+from qalign_repro.paper import comparison_markdown  # noqa: E402
 
 STYLE_PATH = Path(__file__).resolve().parent / "plot_style.mplstyle"
 METRICS = ("accuracy", "error")
@@ -482,15 +483,18 @@ def _without_beta(variant: str) -> str:
 
 
 def beta_sweeps(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per dataset, the QAlign rows of the series that differ only in β (at least two β values with the other
-    distinguishing values equal); ``sweep`` names each group by those other values."""
+    """Per dataset, the QAlign rows of the series that differ only in β (at least two β values and the same
+    ``sweep_key``, the hash of everything else; tables without it group by the label without β); ``sweep``
+    names each group by its other distinguishing values."""
     if "beta" not in df or "variant" not in df:
         return {}
     q = df[(df["rule"] == "qalign") & (df["order"] == "first") & df["beta"].notna()].copy()
     q["sweep"] = [_without_beta(v) for v in q["variant"].fillna("")]
+    keys = q["sweep_key"] if "sweep_key" in q and q["sweep_key"].notna().all() else q["sweep"]
+    q["sweep_group"] = keys.astype(str).tolist()
     out = {}
     for ds, g in q.groupby("dataset", sort=True):
-        keep = g.groupby("sweep")["beta"].transform("nunique") >= 2
+        keep = g.groupby("sweep_group")["beta"].transform("nunique") >= 2
         if keep.any():
             out[str(ds)] = g[keep]
     return out
@@ -510,7 +514,7 @@ def figure_beta_sweep(df: pd.DataFrame, sweep: pd.DataFrame, styles: Mapping[str
     fig = _new_figure(w * 1.75, h + 0.5)
     ax_m, ax_a = fig.subplots(1, 2)
     n_star = _sweep_budget(sweep)
-    groups = list(sweep.groupby("sweep", sort=True))
+    groups = [(str(g["sweep"].iloc[0]), g) for _, g in sweep.groupby("sweep_group", sort=True)]
     colors = iter([FAMILY_COLORS["QAlign"], *EXTRA_COLORS])
     ys: list[float] = []
     for name, g in groups:
@@ -602,7 +606,9 @@ def _bold_mask(wide: pd.DataFrame, metric: str, decimals: int) -> pd.DataFrame:
 
 
 def _latex_escape(s: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", str(s)).replace("~", r"\textasciitilde{}")
+    """Escape LaTeX specials; β (sweep labels) becomes math so pdflatex needs no unicode setup."""
+    out = re.sub(r"([&%$#_{}])", r"\\\1", str(s)).replace("~", r"\textasciitilde{}")
+    return out.replace("β", r"$\beta$")
 
 
 def format_table1(wide: pd.DataFrame, n_star: int | None, metric: str, decimals: int = 1) -> tuple[str, str]:
@@ -753,7 +759,8 @@ def make_plots(table: pd.DataFrame, fig_dir: Path, table_dir: Path, metric: str 
     md, tex = format_table1(wide, n_star, metric)
     table_dir.mkdir(parents=True, exist_ok=True)
     equal = format_equal_flops(equal_flops_table(df), metric) + "\n" + format_budget_tables(df, metric)
-    for name, text in (("table1.md", md), ("table1.tex", tex), ("equal_flops.md", equal)):
+    for name, text in (("table1.md", md), ("table1.tex", tex), ("equal_flops.md", equal),
+                       ("paper_comparison.md", comparison_markdown(table))):
         (table_dir / name).write_text(text, encoding="utf-8")
         paths.append(table_dir / name)
     return paths

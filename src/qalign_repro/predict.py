@@ -38,6 +38,7 @@ Outputs (rerunning gives byte-identical files):
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -70,7 +71,7 @@ COLUMNS = [
     "order", "n", "n_prompts", "chains", "burn_in", "beta", "selection_beta", "metric", "prefix_cache",
     "tokens_policy", "tokens_cached", "tokens_rm", "flops_policy", "flops_rm", "flops",
     "accuracy", "ci_low", "ci_high", "ci_level", "invalid_rate", "mean_reward_selected",
-    "acceptance", "acceptance_low", "acceptance_high", "acceptance_changed",
+    "acceptance", "acceptance_low", "acceptance_high", "acceptance_changed", "sweep_key",
 ]
 DIAG_COLUMNS = ["experiment", "dataset", "run", "label", "model", "beta", "n_prompts", "chains", "steps",
                 "acceptance_rate", "acceptance_changed", "ess_reward_median", "burn_in_estimate", "burn_in_used"]
@@ -234,8 +235,10 @@ def iter_output_fields(store: RunStore, n: int, fields: Sequence[str]
 
 
 def run_chains(meta: Mapping[str, Any], name: str) -> int:
-    """Chains per prompt of a run (``meta["chains"]``, absent = 1)."""
-    k = meta.get("chains", 1)
+    """Chains per prompt of a run: ``meta["chains"]``, else the stored config's ``method.chains``, else 1."""
+    k = meta.get("chains")
+    if k is None:
+        k = _cfg_get(meta, "method", "chains")
     if k is None:
         return 1
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -576,7 +579,7 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
             frame = pd.DataFrame({
                 "experiment": str(meta.get("experiment_name", "")), "dataset": dataset, "run": name,
                 "method": method, "model": model,
-                "reward_model": str((meta.get("reward") or {}).get("name") or "?"),
+                "reward_model": fl.reward_label(meta),  # python / mix parts say "0 FLOPs" (flops.py)
                 "rule": rule, "family": FAMILY[rule], "label": series_label(method, rule), "variant": "",
                 "order": "first" if first else order_name,
                 "n": np.asarray(bud)[ok], "n_prompts": data.codes.shape[0], "chains": k_chains,
@@ -593,7 +596,7 @@ def predict_run(root: str | os.PathLike, names: str | Sequence[str], opts: Predi
                 "acceptance": acc_cols.get("acceptance", math.nan),
                 "acceptance_low": acc_cols.get("acceptance_low", math.nan),
                 "acceptance_high": acc_cols.get("acceptance_high", math.nan),
-                "acceptance_changed": acc_changed,
+                "acceptance_changed": acc_changed, "sweep_key": "",
             })
             frame["flops"] = frame["flops_policy"] + frame["flops_rm"]
             frames.append(frame[COLUMNS])
@@ -699,7 +702,7 @@ def run_identity(meta: Mapping[str, Any]) -> dict[str, Any]:
         if weights.get(part):  # the weights themselves, not where they lay (runs merged from two machines)
             out.pop(f"{part}.path", None)
             out[f"{part}.weights"] = weights[part]
-    # chains per prompt as the run stored them (meta), under the method option's key, 1 when neither says
+    # chains per prompt as the run stored them (meta or config), 1 for runs from before the option existed
     out["method.chains"] = meta.get("chains") or out.get("method.chains") or 1
     return out
 
@@ -715,6 +718,8 @@ def _label_part(key: str, value: Any) -> str:
         value = f"{value:g}"
     if key.endswith(".path") and isinstance(value, str):
         value = Path(value).name or value
+    if key.endswith(".weights") and isinstance(value, str):
+        value = value[:8]
     name = _LABEL_KEYS.get(key) or (key.split(".", 1)[1] if key.startswith("method.") else key)
     return f"{name}={value}"
 
@@ -734,30 +739,54 @@ def distinguishing_keys(identities: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(differ, key=lambda k: (rank.get(k, len(rank)), k))
 
 
+def sweep_key(identity: Mapping[str, Any]) -> str:
+    """Short hash of a run's identity without β: runs that share it differ in β only (a β sweep)."""
+    rest = {k: v for k, v in identity.items() if k != "beta"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _is_primary(key: str) -> bool:
+    """Keys a reader compares runs by (β, models, seed, method options, ...); the others (weights fingerprints,
+    context sizes, backend details, dataset paths) go into a label only when needed to tell two runs apart."""
+    return key in _LABEL_KEYS or key.startswith("method.")
+
+
 def assign_variants(table: pd.DataFrame, identities: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Fill ``variant`` (the run's values of the keys that differ among the runs of its method, e.g.
     "β=0.005") and append it to ``label``, so that a sweep's runs are separate series everywhere. The keys are
-    found per (dataset, method) and pooled per method, so a series keeps one label across datasets. Runs that
-    still share a label (same values under different run names) get their run name appended."""
+    found per (dataset, method) and pooled per method, so a series keeps one label across datasets. Secondary
+    keys (``_is_primary``) are added only to runs whose labels would otherwise clash; runs that still share a
+    label (the same values under different run names) get their run name appended."""
     table = table.copy()
     runs = table[["dataset", "method", "run"]].drop_duplicates()
     keys_of: dict[str, set[str]] = {}
     for (_ds, method), g in runs.groupby(["dataset", "method"], sort=True):
         keys_of.setdefault(method, set()).update(distinguishing_keys([identities.get(r, {}) for r in g["run"]]))
     rank = {k: i for i, k in enumerate(_LABEL_KEYS)}
-    variant: dict[str, str] = {}
-    for r in runs.itertuples(index=False):
-        ident = identities.get(r.run, {})
-        ordered = sorted(keys_of.get(r.method, set()), key=lambda k: (rank.get(k, len(rank)), k))
-        variant[r.run] = " ".join(_label_part(k, ident[k]) for k in ordered if k in ident)
-    table["variant"] = table["run"].map(variant).fillna("")
-    base = table["label"].astype(str)
-    table["label"] = [f"{b} {v}" if v else b for b, v in zip(base, table["variant"])]
-    clash = table.groupby(["dataset", "label", "order", "rule"])["run"].transform("nunique") > 1
-    if clash.any():
-        table.loc[clash, "variant"] = [f"{v} {r}".strip() for v, r in zip(table.loc[clash, "variant"],
-                                                                          table.loc[clash, "run"])]
-        table.loc[clash, "label"] = [f"{b} {r}" for b, r in zip(table.loc[clash, "label"], table.loc[clash, "run"])]
+
+    def parts(run: str, method: str, primary: bool) -> list[str]:
+        ident = identities.get(run, {})
+        keys = sorted(keys_of.get(method, set()), key=lambda k: (rank.get(k, len(rank)), k))
+        return [_label_part(k, ident[k]) for k in keys if k in ident and _is_primary(k) == primary]
+
+    variant = {r.run: " ".join(parts(r.run, r.method, True)) for r in runs.itertuples(index=False)}
+    method_of = dict(zip(runs["run"], runs["method"]))
+
+    def apply(v: Mapping[str, str]) -> None:
+        table["variant"] = table["run"].map(v).fillna("")
+        table["label"] = [f"{b} {x}" if x else b for b, x in zip(base, table["variant"])]
+
+    base = table["label"].astype(str).tolist()
+    apply(variant)
+    table["sweep_key"] = table["run"].map({r: sweep_key(identities.get(r, {})) for r in runs["run"]})
+    for extra in ("secondary", "run"):
+        clash = table.groupby(["dataset", "label", "order", "rule"])["run"].transform("nunique") > 1
+        if not clash.any():
+            break
+        for run in set(table.loc[clash, "run"]):
+            more = parts(run, method_of[run], False) if extra == "secondary" else [run]
+            variant[run] = " ".join([variant[run], *more]).strip()
+        apply(variant)
     return table
 
 

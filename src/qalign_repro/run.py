@@ -21,6 +21,7 @@ from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.models_io import model_fingerprints
 from qalign_repro.naming import config_hash, group_name, run_name
 from qalign_repro.provenance import environment_info
+from qalign_repro.rm.mix import describe_reward
 from qalign_repro.storage import RunStore, SQLiteStorage
 from qalign_repro.tasks import get_task
 
@@ -33,10 +34,12 @@ def build_backends(cfg: DictConfig) -> tuple[Any, Any]:
     rm_cls = REWARDS.get(str(cfg.backend.reward))
     backend = OmegaConf.to_container(cfg.backend, resolve=True)
     generator = gen_cls(OmegaConf.to_container(cfg.model, resolve=True), backend)
-    reward = rm_cls(OmegaConf.to_container(cfg.reward, resolve=True), backend)
+    from qalign_repro.rm.mix import build_reward, thread_backends
+
+    reward = build_reward(OmegaConf.to_container(cfg.reward, resolve=True), backend, rm_cls)  # kind: python|mix first
     from qalign_repro.threads import tune_cpu_threads
 
-    tune_cpu_threads(generator, reward)  # tiny CPU models: one torch thread (see threads.py)
+    tune_cpu_threads(generator, *thread_backends(reward))  # tiny CPU models: one torch thread (see threads.py)
     return generator, reward
 
 
@@ -93,7 +96,7 @@ def untrained_note(cfg: DictConfig) -> str | None:
     trained = sorted({t for w in strangers for t in cfg[w].trained_on})
     who = " and ".join(f"{w}={cfg[w].name}" for w in strangers)
     return (f"note: {who} {'were' if len(strangers) > 1 else 'was'} trained on {', '.join(trained)} only, not on "
-            f"{dataset}: expect near-zero accuracy; for the paper's numbers use {PAPER_MODELS}")
+            f"{dataset}: the run works, but expect near-zero accuracy; the paper's results need {PAPER_MODELS}")
 
 
 def context_error(n_prompt: int, max_new: int, context: int, positions: int | None) -> str:
@@ -106,7 +109,7 @@ def context_error(n_prompt: int, max_new: int, context: int, positions: int | No
         options.append(f"model.max_context={need} with model.allow_long_context=true (past the model's "
                        f"{positions or 'unknown number of'} positions: untrained)")
     options += ["a shorter prompt or another dataset", PAPER_MODELS]
-    return "; ".join(options[:1]) + "".join(f", or {o}" for o in options[1:])
+    return ", or ".join(options)
 
 
 def encode_instances(task: Any, docs: list[dict], generator: Any, max_new: int) -> list[dict[str, Any]]:
@@ -173,6 +176,11 @@ def _start(cfg: DictConfig, task: Any, docs: list[dict], encode: bool = True
     method = METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
     generator, reward = build_backends(cfg)
     inputs = encode_instances(task, docs, generator, int(cfg.max_new_tokens)) if encode else None
+    from qalign_repro.warm_start import attach, chain_keys
+
+    # method.init=run:/file: -- the source is read and checked here, before any run folder exists
+    attach(method, chain_keys([str(d["id"]) for d in docs], chains_per_prompt(cfg)), generator,
+           int(cfg.max_new_tokens), cfg.output_root)
     note = untrained_note(cfg)
     if note:  # after the checks, so that a refused start says one line only
         print(note, file=sys.stderr, flush=True)
@@ -208,7 +216,8 @@ def execute(cfg: DictConfig) -> RunStore:
             status="running", steps=int(cfg.steps), data_source=task.data_source(),
             doc_ids=[d["id"] for d in docs], chains=chains_per_prompt(cfg),
             model={"name": str(cfg.model.name), "path": getattr(generator, "path", None), "n_params": generator.n_params},
-            reward={"name": str(cfg.reward.name), "path": getattr(reward, "path", None), "n_params": reward.n_params},
+            reward={"name": str(cfg.reward.name), "path": getattr(reward, "path", None), "n_params": reward.n_params,
+                    **describe_reward(reward)},  # python / mix: kind and per-component FLOPs (rm/mix.py)
             environment=environment_info(),
         )
         beta = _resolve_beta(cfg, store, generator, reward)

@@ -3,9 +3,10 @@
 Why this exists: torch starts one intra-op thread per core. For the shipped tiny models (1.8 M and 3.6 M
 parameters) every op takes microseconds, so extra threads only add synchronisation, and on a machine that other
 processes share, each of the thousands of ops per step waits for an OpenMP thread that is not scheduled. The
-README's API example (1 prompt x 8 QAlign steps) took 86 s that way on a loaded 2-core machine; with one thread it
-takes well under a second (measured 2026-12-01: 1.2-10.1 s with 2 threads, 0.2-0.5 s with 1, on the same machine
-under the same load). Larger models keep torch's default, and an explicit ``OMP_NUM_THREADS`` always wins.
+README's API example took 86 s that way on a loaded 2-core machine (measured 2026-12-01 at load average 5: the
+4-prompt x 8-step example 93 s wall with 2 threads, 17 s with 1; the sampling alone of 1 prompt x 8 steps at load
+2: 1.2-10.1 s with 2 threads, 0.2-0.5 s with 1). Larger models keep torch's default, and an explicit
+``OMP_NUM_THREADS`` always wins.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ main()
 '''
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path):
     script = tmp_path / "interrupting_run.py"
     script.write_text(INTERRUPTING_RM)

@@ -329,6 +329,13 @@ class VLLMGenerator:
         return SamplingParams(**{**self._plain, "temperature": float(temperature)}, seed=int(seed),
                               max_tokens=int(max_tokens), logprobs=logprobs, skip_special_tokens=True)
 
+    @property
+    def prefix_block_size(self) -> int | None:
+        """The engine's KV-cache block size: prefix caching reuses whole blocks only (QAlign ``index=block``)."""
+        cache = getattr(getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+        size = getattr(cache, "block_size", None)
+        return int(size) if size else None
+
     def request_engine(self, temperature: float = 1.0) -> VLLMRequestEngine:
         """Continuous submission on this engine (``methods/driver.py``'s async schedule)."""
         return VLLMRequestEngine(self, temperature)

@@ -75,7 +75,10 @@ class Chain:
 class Proposal:
     """One generation request of output ``k`` of ``chain``, plus what the method needs to decide it afterwards
     (``memo``: e.g. the kept prefix of a QAlign proposal). The driver schedules proposals; the method makes and
-    decides them, as pure functions of (config, chain state, k)."""
+    decides them, as pure functions of (config, chain state, k).
+
+    ``completion`` set: the output's completion is already known (a warm start's state 0), so no schedule sends
+    it to the engine; it goes straight to scoring and ``decide``, exactly like a finished request."""
 
     chain: Chain
     k: int
@@ -83,6 +86,7 @@ class Proposal:
     max_tokens: int
     seed: int
     memo: dict[str, Any] = field(default_factory=dict)
+    completion: Completion | None = None
 
 
 @dataclass
@@ -143,8 +147,11 @@ class RunContext:
 
 def output_record(completion_ids: list[int], text: str, reward: float, *, accepted: bool, index: int,
                   proposal_len: int, proposal_reward: float, tokens_generated: int, tokens_prefilled: int,
-                  tokens_cached: int, tokens_scored: int, finish_reason: str) -> dict[str, Any]:
-    """The stored schema of one output (see DESIGN.md, "Storage schema")."""
+                  tokens_cached: int, tokens_scored: int, finish_reason: str,
+                  alpha: float | None = None) -> dict[str, Any]:
+    """The stored schema of one output (see DESIGN.md, "Storage schema"). ``alpha``: an MCMC step's acceptance
+    probability (QAlign), stored only when given, so other methods' records and old runs have none."""
+    extra = {} if alpha is None else {"alpha": float(alpha)}
     return {
         "completion_ids": list(map(int, completion_ids)),
         "text": text,
@@ -158,6 +165,7 @@ def output_record(completion_ids: list[int], text: str, reward: float, *, accept
         "tokens_cached": int(tokens_cached),
         "tokens_scored": int(tokens_scored),
         "finish_reason": finish_reason,
+        **extra,
     }
 
 
@@ -197,7 +205,10 @@ class Method:
     def step(self, ctx: RunContext, chains: list[Chain], k: int) -> list[dict[str, Any]]:
         """Output number ``k`` for each chain (same order): one batched generator call, one batched RM call."""
         props = [self.propose(ctx, c, k) for c in chains]
-        comps = ctx.sample([p.prompt_ids for p in props], [p.max_tokens for p in props], [p.seed for p in props])
+        todo = [p for p in props if p.completion is None]  # known completions (warm starts) need no generation
+        sampled = iter(ctx.sample([p.prompt_ids for p in todo], [p.max_tokens for p in todo], [p.seed for p in todo])
+                       if todo else [])
+        comps = [p.completion if p.completion is not None else next(sampled) for p in props]
         texts = [self.scored_text(ctx, p, comp) for p, comp in zip(props, comps)]
         rewards, scored = ctx.score([c.messages for c in chains], texts)
         return [self.decide(ctx, p, comp, text, float(r), n)

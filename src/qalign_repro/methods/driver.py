@@ -52,9 +52,10 @@ def resolve_schedule(name: str, method: Method, n_chains: int, *, in_flight: int
     """``auto`` = the best the method supports (async for per-request methods, lock-step for the others).
 
     Default ``in_flight``: every live chain for chains (one request each); for independent samples 4 batches'
-    worth, enough for an engine to batch while bounding memory. Default ``rm_batch``: an eighth of the requests
-    in flight (at least 1, at most ``batch_size``): large enough that RM calls are not dominated by overhead,
-    small enough that few chains wait for their score."""
+    worth, enough for an engine to batch while bounding memory. Default ``rm_batch``: for chains an eighth of
+    the requests in flight (at least 1, at most ``batch_size``): large enough that RM calls are not dominated by
+    overhead, small enough that few chains wait for their score; for independent samples, whose requests never
+    wait for a score, a full ``batch_size``."""
     name = str(name)
     if name not in SCHEDULES:
         raise ConfigError(f"schedule={name!r} is not a known option; allowed: {', '.join(SCHEDULES)}")
@@ -65,7 +66,8 @@ def resolve_schedule(name: str, method: Method, n_chains: int, *, in_flight: int
     if in_flight is None:
         in_flight = max(1, n_chains) if method.kind == "chain" else max(4 * batch_size, 1)
     if rm_batch is None:
-        rm_batch = min(max(1, min(in_flight, max(n_chains, 1)) // 8), batch_size)
+        rm_batch = (min(max(1, min(in_flight, max(n_chains, 1)) // 8), batch_size) if method.kind == "chain"
+                    else batch_size)
     return Schedule(mode=mode, in_flight=int(in_flight), rm_batch=max(1, int(rm_batch)))
 
 
@@ -187,6 +189,9 @@ class Driver:
             while ready and len(pending) < self.schedule.in_flight:
                 chain, k = ready.popleft()
                 prop = method.propose(ctx, chain, k)
+                if prop.completion is not None:  # already known (a warm start): straight to scoring
+                    finished.append((prop, prop.completion))
+                    continue
                 key = (chain.idx, k)
                 pending[key] = prop
                 engine.submit(Request(key=key, prompt_ids=prop.prompt_ids, max_tokens=prop.max_tokens, seed=prop.seed))

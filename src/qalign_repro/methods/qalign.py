@@ -28,13 +28,16 @@ from qalign_repro.methods.base import (
     derive_seed,
     output_record,
 )
+from qalign_repro.methods.proposal_index import IndexRule
 
 
 def acceptance_probability(r_new: float, r_old: float, len_old: int, len_new: int, beta: float,
-                           length_ratio: bool = True) -> float:
+                           length_ratio: bool = True, log_reverse: float | None = None) -> float:
+    """min(1, ...) of one move. ``log_reverse``: the index rule's reverse-move term (``proposal_index``;
+    None = the uniform index's |y|/|y'|); ``length_ratio=False`` drops it (a deliberately wrong control)."""
     log_alpha = (r_new - r_old) / beta
     if length_ratio:
-        log_alpha += math.log(len_old) - math.log(len_new)
+        log_alpha += math.log(len_old) - math.log(len_new) if log_reverse is None else log_reverse
     return 1.0 if log_alpha >= 0 else math.exp(log_alpha)
 
 
@@ -51,16 +54,27 @@ class QAlign(Method):
             raise ConfigError(f"method.chains={chains!r} is invalid; allowed: an integer >= 1 (chains per prompt)")
         if not isinstance(self.cfg.get("length_ratio", True), bool):
             raise ConfigError(f"method.length_ratio={self.cfg['length_ratio']!r}; allowed: true or false")
+        self.index_rule = IndexRule.from_cfg(self.cfg)  # method.index / block_size / index_position
+        from qalign_repro.warm_start import parse_init
+
+        self.init = parse_init(self.cfg.get("init", "ancestral"), self.cfg.get("init_output", 0))
+        #: chain key -> state 0 of a warm start (``warm_start.attach`` fills it before the run; None: ancestral)
+        self.init_states: dict[str, dict[str, Any]] | None = None
 
     def propose(self, ctx: RunContext, chain: Chain, k: int, state: dict[str, Any] | None = None) -> Proposal:
         """Output 0 is an ancestral sample; output k > 0 a Quest suffix proposal from ``state`` (default: the
         chain's last state)."""
         seed = derive_seed(ctx.seed, chain.prompt_id, k)
+        if k == 0 and self.init[0] != "ancestral":  # a warm start: state 0 is given, only scored
+            from qalign_repro.warm_start import initial_proposal
+
+            return initial_proposal(self, ctx, chain, seed)
         if k == 0:
             return Proposal(chain=chain, k=0, prompt_ids=chain.prompt_ids, max_tokens=ctx.max_new_tokens, seed=seed)
         old = chain.last if state is None else state
         y = old["completion_ids"]
-        i = int(derive_rng(ctx.seed, chain.prompt_id, k, PURPOSE_INDEX).integers(0, len(y)))
+        i = self.index_rule.draw(derive_rng(ctx.seed, chain.prompt_id, k, PURPOSE_INDEX), len(y),
+                                 len(chain.prompt_ids), ctx.generator)
         return Proposal(chain=chain, k=k, prompt_ids=chain.prompt_ids + y[:i], max_tokens=ctx.max_new_tokens - i,
                         seed=seed, memo={"index": i, "old": old})
 
@@ -73,24 +87,30 @@ class QAlign(Method):
     def decide(self, ctx: RunContext, proposal: Proposal, completion: Completion, text: str, reward: float,
                n_scored: int) -> dict[str, Any]:
         comp = completion
-        if proposal.k == 0:  # the ancestral start
-            return output_record(
+        if proposal.k == 0:  # the ancestral start, or a warm start (nothing generated; scored by this run's RM)
+            warm = "init" in proposal.memo
+            rec = output_record(
                 comp.token_ids, text, reward, accepted=True, index=0, proposal_len=len(comp.token_ids),
-                proposal_reward=reward, tokens_generated=len(comp.token_ids), tokens_prefilled=comp.prompt_tokens,
+                proposal_reward=reward, tokens_generated=0 if warm else len(comp.token_ids),
+                tokens_prefilled=comp.prompt_tokens,
                 tokens_cached=comp.cached_tokens if comp.cached_tokens is not None else 0,
                 tokens_scored=n_scored, finish_reason=comp.finish_reason)
+            rec["alpha"] = 1.0  # the stored acceptance probability: state 0 is always taken
+            return {**rec, "init": proposal.memo["init"]} if warm else rec
         i, old = proposal.memo["index"], proposal.memo["old"]
         prop = old["completion_ids"][:i] + comp.token_ids
         length_ratio = bool(self.cfg.get("length_ratio", True))
+        log_reverse = self.index_rule.log_reverse_ratio(i, len(old["completion_ids"]), len(prop),
+                                                        len(proposal.chain.prompt_ids), ctx.generator)
         alpha = acceptance_probability(reward, old["reward"], len(old["completion_ids"]), len(prop), ctx.beta,
-                                       length_ratio)
+                                       length_ratio, log_reverse)
         u = float(derive_rng(ctx.seed, proposal.chain.prompt_id, proposal.k, PURPOSE_ACCEPT).random())
         cost = dict(
             index=i, proposal_len=len(prop), proposal_reward=reward,
             tokens_generated=len(comp.token_ids), tokens_prefilled=comp.prompt_tokens,
             # the prompt and the kept prefix were processed in earlier steps of this chain
             tokens_cached=comp.cached_tokens if comp.cached_tokens is not None else comp.prompt_tokens,
-            tokens_scored=n_scored,
+            tokens_scored=n_scored, alpha=alpha,  # stored: Rao-Blackwellised acceptance = mean alpha
         )
         if u < alpha:
             return output_record(prop, text, reward, accepted=True, finish_reason=comp.finish_reason, **cost)
