@@ -116,7 +116,7 @@ class Servers:
 
 def measure(method_name: str, schedule: str, gen: Any, reward: Any, chains_of: Any, steps: int, seed: int,
             batch_size: int, beta: float, max_new: int, in_flight: int | None = None,
-            record: bool = False) -> dict[str, Any]:
+            record: bool = False, rm_batch: int | None = None) -> dict[str, Any]:
     from qalign_repro.methods import METHODS
     from qalign_repro.methods.base import RunContext
     from qalign_repro.methods.driver import drive
@@ -127,19 +127,21 @@ def measure(method_name: str, schedule: str, gen: Any, reward: Any, chains_of: A
     chains = chains_of()
     outputs: dict[tuple[int, int], dict] = {}
     recorders: list[Recorder] = []
-    original = getattr(gen, "request_engine", None)
-    if record and original is not None:
-        def recording(temperature: float = 1.0) -> Recorder:
-            recorders.append(Recorder(original(temperature=temperature)))
+    import qalign_repro.methods.driver as driver_module
+
+    original = driver_module.engine_for
+    if record:
+        def recording(*a: Any, **kw: Any) -> Recorder:
+            recorders.append(Recorder(original(*a, **kw)))
             return recorders[-1]
-        gen.request_engine = recording
+        driver_module.engine_for = recording
     try:
         t0 = time.perf_counter()
-        drive(METHODS.get(method_name)({}), ctx, chains, steps, outputs.update, schedule=schedule, in_flight=in_flight)
+        drive(METHODS.get(method_name)({}), ctx, chains, steps, outputs.update, schedule=schedule, in_flight=in_flight,
+              rm_batch=rm_batch)
         wall = time.perf_counter() - t0
     finally:
-        if record and original is not None:
-            gen.request_engine = original
+        driver_module.engine_for = original
     proposals = [o for (_, k), o in outputs.items() if method_name != "qalign" or k > 0]
     return {"wall": wall, "generate": ctx.timers["generate"], "reward": ctx.timers["reward"],
             "outputs": len(outputs), "tokens": sum(o["tokens_generated"] for o in outputs.values()),
@@ -150,8 +152,10 @@ def measure(method_name: str, schedule: str, gen: Any, reward: Any, chains_of: A
 
 def replay(gen: Any, requests: list[Any], concurrency: int) -> dict[str, float]:
     """The same requests through the engine with ``concurrency`` always in flight and nothing in between."""
+    from qalign_repro.lm.engine import engine_for
+
     reset_cache(gen)
-    engine = gen.request_engine()
+    engine = engine_for(gen, concurrency, 1.0, continuous=True)
     todo = list(requests)
     tokens = 0
     t0 = time.perf_counter()
@@ -196,7 +200,8 @@ def run_all(args: argparse.Namespace, overrides: list[str]) -> None:
     from qalign_repro.run import build_backends
     from qalign_repro.tasks import get_task
 
-    base = DEFAULTS if not args.serve else [d for d in DEFAULTS if not d.startswith("backend")]
+    own_backend = args.serve or any(o.startswith("backend=") for o in overrides)
+    base = [d for d in DEFAULTS if not (own_backend and d.startswith("backend"))]
     cfg = compose_config([*base, f"dataset.n={args.prompts}", *overrides])
     t_load = time.perf_counter()
     gen, reward = build_backends(cfg)
@@ -212,7 +217,7 @@ def run_all(args: argparse.Namespace, overrides: list[str]) -> None:
         return [Chain(idx=j, prompt_id=pid, prompt_ids=ids, messages=msgs) for j, (pid, msgs, ids) in enumerate(encoded)]
 
     common = dict(gen=gen, reward=reward, chains_of=chains_of, steps=args.steps, batch_size=int(cfg.batch_size),
-                  beta=float(cfg.beta), max_new=int(cfg.max_new_tokens))
+                  beta=float(cfg.beta), max_new=int(cfg.max_new_tokens), rm_batch=cfg.get("rm_batch"))
     p = args.prompts
     rows: dict[str, list[float]] = {k: [] for k in ("anc_bulk", "anc_lock", "anc_p", "q_async", "q_lock",
                                                    "r_anc", "r_q", "r_tokens", "occupancy", "acc")}
@@ -255,7 +260,7 @@ def run_all(args: argparse.Namespace, overrides: list[str]) -> None:
         f"{' '.join(sys.argv[1:])}` (`make bench-cost`): backend {cfg.backend.name} "
         f"(in_process={cfg.backend.get('in_process')}), model {cfg.model.name}, reward {cfg.reward.name}, "
         f"{p} `{cfg.dataset.name}` prompts x {args.steps} samples / steps, max_new_tokens={cfg.max_new_tokens}, "
-        f"beta={cfg.beta}, batch_size={cfg.batch_size}; {args.repeats} interleaved repeats, prefix cache cleared before "
+        f"beta={cfg.beta}, batch_size={cfg.batch_size}, rm_batch={cfg.get('rm_batch')}; {args.repeats} interleaved repeats, prefix cache cleared before "
         f"each measurement; load average (1 min) {', '.join(f'{x:.1f}' for x in loads)}; engines built in "
         f"{load_s:.0f} s.", "",
         "| figure | median [min, max] over repeats | goal |",

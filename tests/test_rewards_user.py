@@ -55,7 +55,7 @@ def test_python_reward_through_all_four_stages(tmp_path):
     # FLOPs: the Python reward is charged nothing, and the table says so
     assert (table["tokens_rm"] == 0).all() and (table["flops_rm"] == 0).all()
     assert (table["flops"] == table["flops_policy"]).all() and (table["flops_policy"] > 0).all()
-    assert set(table["reward_model"]) == {"python:python (0 FLOPs)"}
+    assert set(table["reward_model"]) == {"python:_user_rewards:by_len (0 FLOPs)"}
 
 
 def test_mix_through_all_four_stages_with_honest_flops(tmp_path):
@@ -73,6 +73,8 @@ def test_mix_through_all_four_stages_with_honest_flops(tmp_path):
     qalign = table[table["rule"] == "qalign"].sort_values("n")
     assert (qalign["flops_rm"] == 2.0 * 1 * qalign["tokens_rm"]).all() and (qalign["tokens_rm"] > 0).all()
     assert set(table["reward_model"]) == {"mix(2×toy + -1.5×len [python, 0 FLOPs])"}
+    equal = (tmp_path / "tables" / "default" / "equal_flops.md").read_text()
+    assert "Rewards and their FLOPs: mix(2×toy + -1.5×len [python, 0 FLOPs])" in equal
 
 
 def test_mix_equals_the_weighted_sum_of_its_components_exactly():
@@ -119,6 +121,28 @@ def test_python_api_load_reward_builds_python_and_mix():
     assert mix.score(MSGS, TEXTS).rewards.tolist() == [toy.value(t) + 0.5 * -len(t) for t in TEXTS]
 
 
+def test_shipped_mix_on_the_hf_backend_is_the_tiny_rm_plus_the_length_penalty():
+    """The default backend (hf) loads the shipped tiny RM for the mix's model part; the mix adds 0.01 × length."""
+    from qalign_repro.cli import compose_config
+    from qalign_repro.rm.mix import build_reward
+
+    cfg = compose_config(["reward=mix"])
+    from qalign_repro.rm.hf import HFReward
+
+    mix = build_reward(dict(cfg.reward), {"device": "cpu"}, HFReward)
+    rm = mix.components[0].reward
+    texts = ["5+3=8. The answer is 8.", "The answer is 12."]
+    msgs = [[{"role": "user", "content": "Tom has 5 apples and gets 3 more. How many?"}]] * 2
+    alone = rm.score(msgs, texts)
+    got = mix.score(msgs, texts)
+    assert got.rewards.tolist() == (1.0 * alone.rewards + 0.01 * np.array([-len(t) for t in texts])).tolist()
+    assert got.tokens == alone.tokens and mix.n_params == rm.n_params > 10_000
+    assert mix.describe()["components"][1] == {"kind": "python", "name": "length_penalty", "n_params": 0,
+                                               "flops": 0, "target": "qalign_repro.rm.builtin:length_penalty",
+                                               "weight": 0.01}
+    mix.close()
+
+
 def test_shipped_mix_yaml_builds_its_model_part_with_the_backend_class():
     from qalign_repro.cli import compose_config
     from qalign_repro.run import build_backends
@@ -158,8 +182,8 @@ def test_unset_target_and_bad_mix_entries_are_config_errors():
 
 
 @pytest.mark.parametrize("target, error, says", [
-    ("_user_rewards:nan_reward", NonFiniteRewardError, "reward '(python|nan_reward)' returned nan"),
-    ("_user_rewards:word_reward", DataError, "reward '(python|word_reward)' returned 'high' \\(str\\)"),
+    ("_user_rewards:nan_reward", NonFiniteRewardError, "reward '_user_rewards:nan_reward' returned nan"),
+    ("_user_rewards:word_reward", DataError, "reward '_user_rewards:word_reward' returned 'high' \\(str\\)"),
 ])
 def test_bad_values_stop_the_step_and_store_nothing(tmp_path, target, error, says):
     from qalign_repro.run import execute

@@ -74,6 +74,10 @@ def test_warm_start_from_a_file_gives_each_chain_its_row(tmp_path):
     assert [f["init"] for f in firsts[:2]] == [f"file:{path}#1", f"file:{path}#4"]
     assert firsts[1]["finish_reason"] == "length" and firsts[0]["finish_reason"] == "stop"
     assert check_store(tmp_path, store.name) == []
+    # extending resumes the same chains: the same data as a fresh run of the longer length
+    longer = execute(_cfg(tmp_path, "method=qalign", "steps=5", "method.chains=2", f"method.init=file:{path}"))
+    fresh = execute(_cfg(tmp_path / "fresh", "method=qalign", "steps=5", "method.chains=2", f"method.init=file:{path}"))
+    assert longer.name == store.name and _outputs(longer) == _outputs(fresh)
 
 
 class _CharTokenizer:

@@ -110,7 +110,12 @@ def load_reward(name: str | Mapping[str, Any] = "tiny", *, backend: str | None =
     from qalign_repro.rm.mix import build_reward, thread_backends
     from qalign_repro.threads import tune_cpu_threads
 
-    cfg = _model_config("reward", name, overrides)
+    path = CONF_DIR / "reward" / f"{name}.yaml"
+    node = OmegaConf.load(path) if isinstance(name, str) and path.is_file() else None
+    if node is not None and node.get("kind") in ("python", "mix"):  # overrides first: python's name is ${.target}
+        cfg = OmegaConf.to_container(OmegaConf.merge(node, overrides), resolve=True)
+    else:
+        cfg = _model_config("reward", name, overrides)
     reward = build_reward(cfg, {"device": device},
                           lambda c, b: REWARDS.get(_backend_for(c, backend))(c, b))
     tune_cpu_threads(*thread_backends(reward))  # as _tuned, for the model components only
@@ -194,6 +199,8 @@ class Sampler:
         method = {k: v for k, v in self.method_cfg.items() if not (k == "chains" and v == 1)}  # as before the option
         if method.get("init", "ancestral") == "ancestral":  # ancestral starts: as before warm starts existed
             method = {k: v for k, v in method.items() if k not in ("init", "init_output")}
+        if method.get("index", "uniform") == "uniform":  # the paper's index: as before method.index existed
+            method = {k: v for k, v in method.items() if k not in ("index", "block_size", "index_position")}
         return {"method": method, "beta": self.beta, "seed": self.seed, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens,
                 "model": {"name": getattr(self.model, "name", None), "path": str(getattr(self.model, "path", None))},

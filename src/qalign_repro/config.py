@@ -110,7 +110,8 @@ def _check_values_everywhere(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{missing[0]} must be set (it is ??? in the config); e.g. {missing[0]}=/path/or/hub-id")
+        example = "pkg.module:function" if missing[0].endswith("target") else "/path/or/hub-id"
+        raise ConfigError(f"{missing[0]} must be set (it is ??? in the config); e.g. {missing[0]}={example}")
     if cfg.beta != "auto":
         beta = _number(cfg, "beta")
         if not math.isfinite(beta) or beta <= 0:

@@ -25,9 +25,11 @@ def run_diagnostics(store: RunStore) -> dict[str, Any]:
 def chain_diagnostics(chains: Iterable[Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """The diagnostics of chains given as their output lists (the API's results have no store)."""
     accepted, unchanged, rewards, suffix, inits = [], [], [], [], []
+    alphas: list[list[Any]] = []
     for outs in chains:
         inits.append(outs[0].get("init") if outs else None)
         accepted.append([o["accepted"] for o in outs])
+        alphas.append([o.get("alpha") for o in outs])  # absent in runs stored before alpha existed
         ids = [o.get("completion_ids") for o in outs]
         unchanged.append([False] + [a is not None and a == b for a, b in zip(ids[1:], ids[:-1])])
         rewards.append([o["reward"] for o in outs])
@@ -44,10 +46,15 @@ def chain_diagnostics(chains: Iterable[Sequence[dict[str, Any]]]) -> dict[str, A
     ess = effective_sample_size(rew) if steps >= 4 else np.full(len(rew), np.nan)
     gen = np.array([s[: steps - 1] for s in suffix], dtype=np.float64)
     burn = int(estimate_burn_in(rew))
+    # Rao-Blackwellised acceptance: the mean stored alpha, the expectation of the coin flips (less noisy than
+    # them); None when any step lacks alpha (runs stored before it existed, methods without one)
+    rb_alphas = [x for a in alphas for x in a[1:steps]]
+    rb = float(np.mean(rb_alphas)) if rb_alphas and all(x is not None for x in rb_alphas) else None
     return {
         "steps": steps,
         "chains": len(acc),
         "acceptance_overall": float(acc[:, 1:].mean()) if steps > 1 else None,
+        "acceptance_rb_overall": rb,
         "acceptance_per_chain": [None if np.isnan(x) else float(x) for x in per_chain],
         # acceptance among proposals that differ from the current completion (what beta controls)
         "identical_proposal_rate": float(identical_proposals(acc, same)[:, 1:].mean()) if steps > 1 else None,
@@ -86,6 +93,8 @@ def format_diagnostics(d: dict[str, Any]) -> str:
         f"  chains {d['chains']} × {d['steps']} states",
         f"  acceptance overall {d['acceptance_overall']:.3f}" if d["acceptance_overall"] is not None else
         "  acceptance overall -",
+        f"  acceptance overall, Rao-Blackwellised (mean alpha) {d['acceptance_rb_overall']:.3f}"
+        if d.get("acceptance_rb_overall") is not None else "",
         f"  acceptance per chain min/median/max {min(per):.2f}/{np.median(per):.2f}/{max(per):.2f}" if per else "",
         (f"  identical proposals {d['identical_proposal_rate']:.3f}; acceptance of the others "
          f"{d['acceptance_changed_overall']:.3f}") if d.get("acceptance_changed_overall") is not None else "",

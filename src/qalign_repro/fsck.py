@@ -163,6 +163,9 @@ def check_output(out: Any, max_new: int | None) -> list[str]:
     for key in ("reward", "proposal_reward"):
         if key in out and not _is_finite(out[key]):
             bad.append(f"{key}={out[key]!r} is not a finite number")
+    # alpha (an MCMC step's acceptance probability) is optional: runs stored before it existed have none
+    if "alpha" in out and not (_is_finite(out["alpha"]) and 0.0 <= out["alpha"] <= 1.0):
+        bad.append(f"alpha={out['alpha']!r} is not a probability in [0, 1]")
     counts_ok = True
     for key in COUNT_FIELDS:
         if key in out and not _is_count(out[key]):

@@ -759,6 +759,9 @@ def make_plots(table: pd.DataFrame, fig_dir: Path, table_dir: Path, metric: str 
     md, tex = format_table1(wide, n_star, metric)
     table_dir.mkdir(parents=True, exist_ok=True)
     equal = format_equal_flops(equal_flops_table(df), metric) + "\n" + format_budget_tables(df, metric)
+    free = sorted({str(r) for r in df.get("reward_model", []) if "0 FLOPs" in str(r)})  # python rewards (flops.py)
+    if free:
+        equal += "\nRewards and their FLOPs: " + "; ".join(free) + " (a Python reward reads no tokens with a model).\n"
     for name, text in (("table1.md", md), ("table1.tex", tex), ("equal_flops.md", equal),
                        ("paper_comparison.md", comparison_markdown(table))):
         (table_dir / name).write_text(text, encoding="utf-8")

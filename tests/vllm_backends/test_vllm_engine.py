@@ -135,3 +135,24 @@ def test_unsupported_cpu_head_size_is_refused_before_loading(tmp_path):
     lm, _ = mod.make(tmp_path, seed=0, hidden=64, layers=1, heads=4)
     with pytest.raises(ConfigError, match="head size 16, which vLLM's CPU backend does not support"):
         VLLMGenerator({"path": str(lm)}, {})
+
+
+def test_block_index_cuts_are_served_from_cache(engines):
+    """QAlign ``index=block`` with ``block_size: null`` takes the engine's block size, and every cut > 0 sends a
+    prefix that the prefix cache serves whole but its last token (vLLM always recomputes that one)."""
+    from qalign_repro.methods.base import Chain, RunContext
+    from qalign_repro.methods.driver import drive
+    from qalign_repro.methods.qalign import QAlign
+
+    _, gen, rm = engines
+    assert gen.prefix_block_size == 32
+    prompts = prompts_for(gen, 4)
+    ctx = RunContext(generator=gen, reward=rm, seed=3, beta=1.0, max_new_tokens=96, temperature=1.0, batch_size=8)
+    chains = [Chain(idx=j, prompt_id=f"b{j}", prompt_ids=p, messages=[]) for j, p in enumerate(prompts)]
+    outs: dict = {}
+    drive(QAlign({"index": "block"}), ctx, chains, 6, outs.update, schedule="async")
+    cut = [(len(prompts[j]), o) for (j, k), o in outs.items() if k > 0 and o["index"] > 0]
+    assert cut, "no proposal cut inside the completion"
+    for n_prompt, o in cut:
+        assert (n_prompt + o["index"] - 1) % 32 == 0
+        assert o["tokens_cached"] == n_prompt + o["index"] - 1

@@ -5,7 +5,12 @@ keep y[:i] and resample the suffix from the model itself (temperature 1, no top-
 tokens so every completion has the same length limit), then accept with
     alpha = min(1, exp((r(y') - r(y)) / beta) · |y| / |y'|).
 The length ratio is the ratio of the uniform index probabilities of the forward and reverse moves; dropping it
-(as some implementations do) biases the chain towards longer outputs. State 0 is an ancestral sample.
+biases the chain towards longer outputs (tests/test_qalign_exact.py). The index ranges over the completion only
+and the suffix is a fresh sample of any length: llm-samplers' QAlignSampler gets both wrong (its index ranges over
+the prompt too, index 0 calling the model on an empty input, and its proposals never change the completion's
+length). State 0 is an ancestral sample, or a given completion with ``method.init`` (warm_start.py).
+``method.index`` swaps the uniform cut for another (block, fixed), each with its own reverse-move term in alpha
+(``proposal_index.py``); every output stores its ``alpha``, so acceptance can be Rao-Blackwellised.
 """
 
 from __future__ import annotations
@@ -142,6 +147,9 @@ def transition_errors(prev: dict[str, Any] | None, cur: dict[str, Any]) -> list[
         bad.append(f"index={i} is outside the previous state (length {len(old)})")
     if cur["proposal_len"] != i + cur["tokens_generated"]:
         bad.append(f"proposal_len={cur['proposal_len']} != index + tokens_generated ({i} + {cur['tokens_generated']})")
+    alpha = cur.get("alpha")  # absent in runs stored before it existed; the coin u is in [0, 1)
+    if isinstance(alpha, (int, float)) and (alpha >= 1.0 and not cur["accepted"] or alpha <= 0.0 and cur["accepted"]):
+        bad.append(f"accepted={cur['accepted']} contradicts the stored acceptance probability alpha={alpha}")
     if cur["accepted"]:
         if ids[:i] != old[:i]:
             first = next((j for j, (a, b) in enumerate(zip(ids, old[:i])) if a != b), min(len(ids), i))

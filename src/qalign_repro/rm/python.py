@@ -84,7 +84,9 @@ class PythonReward:
         self.target = cfg.get("target")
         self.fn = resolve_target(self.target, cfg.get("args"))
         self.batched = bool(cfg.get("batched", False))
-        self.label = str(cfg.get("name") or getattr(self.fn, "__name__", None) or self.target)
+        named = cfg.get("name") not in (None, "", "python")  # the yaml's default name says less than the target
+        self.label = str(cfg["name"] if named else self.target if isinstance(self.target, str)
+                         else getattr(self.fn, "__name__", "python"))
         self.n_params = 0  # no model reads the text: 0 model FLOPs
         self.max_context = 10**9
         self.path = None
