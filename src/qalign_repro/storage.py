@@ -423,12 +423,15 @@ class RunStore:
 
         if not outputs:
             return
-        first = min(step for _, step in outputs)
-        maybe_kill("before_commit", first)
+        steps = sorted({step for _, step in outputs})  # the fault hook fires for a group holding its step
+        for step in steps:
+            maybe_kill("before_commit", step)
         with self.storage.transaction(self.name) as conn:
             put_outputs(conn, [(idx, step, _dumps(out)) for (idx, step), out in sorted(outputs.items())])
-            maybe_kill("in_commit", first)
-        maybe_kill("after_commit", first)
+            for step in steps:
+                maybe_kill("in_commit", step)
+        for step in steps:
+            maybe_kill("after_commit", step)
 
     def last_outputs(self) -> dict[int, dict[str, Any]]:
         rows = self._conn().execute(

@@ -403,7 +403,9 @@ def campaign(cfg: Any, ref_cfg: Any, *, steps: int, target_kills: int, seed: int
         exists = (root / "runs" / name / "exp.sqlite").is_file()
         has_instances = exists and bool(dump_store(root, name)["instances"])
         tx_before = 1 if has_instances else (2 if exists else 3)
-        last = target_kills >= 4 and record.kills == target_kills - 1
+        # the last kill aims at the transactions after the final step; their count assumes one commit per step,
+        # which holds only for lock-step runs
+        last = whole_steps and target_kills >= 4 and record.kills == target_kills - 1
         kind = "hook" if not exists else "tx" if last else kinds[(len(record.episodes) - 1) % len(kinds)]
         fault = plan(rng, kind, done, steps, tx_before, startup, est_step, last, phase_delay,
                      final_txs=2 if cfg.method.name == "qalign" else 1,  # qalign also stores diagnostics

@@ -216,8 +216,17 @@ def test_evaluate_skips_a_run_deleted_under_it(finished, monkeypatch, capsys):
 
     monkeypatch.setattr(RunStore, "lock", lock_after_rm)
     monkeypatch.setattr(sys, "argv", ["evaluate", *toy(finished, "runs=all", "experiment_name=alpha")])
-    with pytest.raises(SystemExit) as info:
-        evaluate_main()
+    import logging
+
+    root_logger = logging.getLogger()
+    handlers, level = list(root_logger.handlers), root_logger.level
+    try:
+        with pytest.raises(SystemExit) as info:
+            evaluate_main()
+    finally:
+        # Hydra's job logging attaches handlers to this test's captured streams; later tests must not log there
+        root_logger.handlers[:] = handlers
+        root_logger.setLevel(level)
     captured = capsys.readouterr()
     assert "already evaluated" not in captured.out
     assert f"warning: run '{name}' was deleted while evaluate ran" in captured.err
