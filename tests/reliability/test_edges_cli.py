@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -201,36 +200,37 @@ def test_a_stale_typed_value_is_not_shown_for_another_config(tmp_path):
         validate(cfg)
 
 
-def test_evaluate_skips_a_run_deleted_under_it(finished, monkeypatch, capsys):
-    """The run is deleted between evaluate opening its store and taking its lock (another terminal's rm -rf)."""
-    from qalign_repro.evaluate import main as evaluate_main
-    from qalign_repro.storage import RunStore
+DELETING_EVALUATE = '''
+import shutil
+from qalign_repro.storage import RunStore
 
+_lock = RunStore.lock
+
+
+def lock_after_rm(self):  # another terminal's rm -rf between evaluate opening the store and taking its lock
+    shutil.rmtree(self.dir)
+    return _lock(self)
+
+
+RunStore.lock = lock_after_rm
+from qalign_repro.evaluate import main  # noqa: E402
+
+main()
+'''
+
+
+def test_evaluate_skips_a_run_deleted_under_it(finished, tmp_path):
+    """The run is deleted between evaluate opening its store and taking its lock (another terminal's rm -rf).
+    Run as its own process: the stage's Hydra entry point owns the process's streams and logging."""
     (name,) = run_names(finished)
     run_module("evaluate", *toy(finished, "runs=all", "experiment_name=alpha"))
-    real_lock = RunStore.lock
-
-    def lock_after_rm(self):
-        shutil.rmtree(self.dir)
-        return real_lock(self)
-
-    monkeypatch.setattr(RunStore, "lock", lock_after_rm)
-    monkeypatch.setattr(sys, "argv", ["evaluate", *toy(finished, "runs=all", "experiment_name=alpha")])
-    import logging
-
-    root_logger = logging.getLogger()
-    handlers, level = list(root_logger.handlers), root_logger.level
-    try:
-        with pytest.raises(SystemExit) as info:
-            evaluate_main()
-    finally:
-        # Hydra's job logging attaches handlers to this test's captured streams; later tests must not log there
-        root_logger.handlers[:] = handlers
-        root_logger.setLevel(level)
-    captured = capsys.readouterr()
-    assert "already evaluated" not in captured.out
-    assert f"warning: run '{name}' was deleted while evaluate ran" in captured.err
-    assert info.value.code == 2 and "every selected run" in captured.err
+    script = tmp_path / "deleting_evaluate.py"
+    script.write_text(DELETING_EVALUATE)
+    proc = subprocess.run([sys.executable, str(script), *toy(finished, "runs=all", "experiment_name=alpha")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert "already evaluated" not in proc.stdout
+    assert f"warning: run '{name}' was deleted while evaluate ran" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "every selected run" in proc.stderr, proc.stderr
     assert not (finished / "runs" / name).exists()  # the lock did not leave a folder behind
 
 
