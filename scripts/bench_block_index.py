@@ -135,15 +135,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.write:
-        path = ROOT / "docs" / "performance.md"
-        doc = path.read_text()
-        start = doc.find(SECTION + "\n")
-        if start < 0:
-            doc = doc.rstrip() + "\n\n" + text
-        else:
-            nxt = doc.find("\n## ", start + len(SECTION))
-            doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
-        path.write_text(doc)
+        from bench_schedule import write_doc_section
+
+        write_doc_section(SECTION, text)
     for closer in (gen, reward):
         closer.close()
 

@@ -169,6 +169,19 @@ def replay(gen: Any, requests: list[Any], concurrency: int) -> dict[str, float]:
     return {"wall": wall, "tokens": tokens}
 
 
+def write_doc_section(section: str, text: str) -> None:
+    """Replace the ``section`` heading's part of docs/performance.md with ``text`` (or append it)."""
+    path = ROOT / "docs" / "performance.md"
+    doc = path.read_text()
+    start = doc.find(section + "\n")
+    if start < 0:
+        doc = doc.rstrip() + "\n\n" + text
+    else:
+        nxt = doc.find("\n## ", start + len(section))
+        doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(doc)
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
@@ -284,17 +297,8 @@ def run_all(args: argparse.Namespace, overrides: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.write:
-        path = ROOT / "docs" / "performance.md"
-        doc = path.read_text()
         section = SECTION if not args.serve else SECTION + " (OpenAI-compatible servers)"
-        text = text.replace(SECTION, section, 1)
-        start = doc.find(section + "\n")
-        if start < 0:
-            doc = doc.rstrip() + "\n\n" + text
-        else:
-            nxt = doc.find("\n## ", start + len(section))
-            doc = doc[:start] + text + (doc[nxt + 1:] if nxt >= 0 else "")
-        path.write_text(doc)
+        write_doc_section(section, text.replace(SECTION, section, 1))
     for closer in (gen, reward):
         closer.close()
 
