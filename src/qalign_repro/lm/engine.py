@@ -40,6 +40,15 @@ class EngineStats:
     seq_seconds: float = 0.0        # integral of requests in flight over that time
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def waited(self, seconds: float, in_flight: int) -> None:
+        """``seconds`` spent waiting on the engine with ``in_flight`` requests in it."""
+        self.busy_s += seconds
+        self.seq_seconds += seconds * in_flight
+
+    def completed(self, comps: list[Completion]) -> None:
+        self.finished += len(comps)
+        self.generated_tokens += sum(len(c.token_ids) for c in comps)
+
     def mean_in_flight(self) -> float:
         return self.seq_seconds / self.busy_s if self.busy_s > 0 else 0.0
 
@@ -86,10 +95,8 @@ class BatchedEngine:
         comps = self.generator.sample([r.prompt_ids for r in batch], [r.max_tokens for r in batch],
                                       [r.seed for r in batch], temperature=self.temperature)
         dt = time.perf_counter() - t0
-        self.stats.busy_s += dt
-        self.stats.seq_seconds += dt * len(batch)
-        self.stats.finished += len(batch)
-        self.stats.generated_tokens += sum(len(c.token_ids) for c in comps)
+        self.stats.waited(dt, len(batch))
+        self.stats.completed(comps)
         return [(r.key, c) for r, c in zip(batch, comps)]
 
     def close(self) -> None:

@@ -363,14 +363,12 @@ class OpenAIRequestEngine:
         n = len(self.futures)
         finished, _ = wait_futures(list(self.futures), return_when=FIRST_COMPLETED)
         dt = time.perf_counter() - t0
-        self.stats.busy_s += dt
-        self.stats.seq_seconds += dt * n
+        self.stats.waited(dt, n)
         done = []
         for fut in finished:
             key, n_prompt = self.futures.pop(fut)
             comp = self.gen._completion(fut.result()[0], n_prompt, False)  # re-raises the request's one-line error
-            self.stats.finished += 1
-            self.stats.generated_tokens += len(comp.token_ids)
+            self.stats.completed([comp])
             done.append((key, comp))
         return done
 

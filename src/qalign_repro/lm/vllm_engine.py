@@ -414,15 +414,13 @@ class VLLMRequestEngine:
             t0 = time.perf_counter()
             outputs = self.engine.step()
             dt = time.perf_counter() - t0
-            self.stats.busy_s += dt
-            self.stats.seq_seconds += dt * len(self.keys)
+            self.stats.waited(dt, len(self.keys))
             for out in outputs:
                 if not out.finished or out.request_id not in self.keys:
                     continue
                 key, n_prompt = self.keys.pop(out.request_id)
                 comp = self.gen._completion(out, n_prompt, False)
-                self.stats.finished += 1
-                self.stats.generated_tokens += len(comp.token_ids)
+                self.stats.completed([comp])
                 done.append((key, comp))
         return done
 
