@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 OVERRIDES ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint reproduce-tiny compare-tiny clean-results
+.PHONY: install demo test test-fast lint reproduce-tiny compare-tiny clean-results
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,11 @@ WITH_VLLM ?= 1
 test: install
 	$(if $(filter 1,$(WITH_VLLM)),$(MAKE) --no-print-directory install-vllm,)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# For developers between commits: no slow tests, no vLLM (no vLLM install either); a few minutes on 2 cores.
+# The README's `make test` stays the complete suite that CI runs.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not vllm" -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

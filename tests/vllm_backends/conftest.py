@@ -62,7 +62,7 @@ def vllm_backend() -> list[str]:
 VLLM_TEST_BACKEND = ["backend=vllm", "backend.in_process=true", "backend.engine.enforce_eager=true",
                      "backend.rm_engine.enforce_eager=true", "backend.engine.block_size=32",
                      "backend.engine.kv_cache_memory_bytes=134217728",
-                     "backend.rm_engine.kv_cache_memory_bytes=67108864"]
+                     "backend.rm_engine.kv_cache_memory_bytes=134217728"]
 
 
 class Server:
@@ -82,7 +82,7 @@ class Server:
         env = dict(os.environ, SERVE_LOG_DIR=str(self.log_dir), PYTHON=sys.executable,
                    # small KV caches; the worker in the API server's engine process (one interpreter less to start)
                    LM_SERVER_ARGS="--kv-cache-memory-bytes 134217728 --distributed-executor-backend uni",
-                   RM_SERVER_ARGS="--kv-cache-memory-bytes 67108864 --distributed-executor-backend uni")
+                   RM_SERVER_ARGS="--kv-cache-memory-bytes 134217728 --distributed-executor-backend uni")
         # set in this process by in-process engines (backend.in_process=true); a server runs vLLM's default way
         for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):
             env.pop(var, None)

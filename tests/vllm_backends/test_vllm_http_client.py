@@ -264,16 +264,18 @@ def test_run_resumes_after_an_outage_with_nothing_lost(run_overrides, fake, tmp_
     reference = _chains(_run(run_overrides, tmp_path / "ref", fake, "steps=6"))
 
     fake.completions = 0
-    fake.fail_after = 6 * 3  # steps 0..2 go through, then the server answers 503 to every completion
+    fake.fail_after = 6 * 3  # 18 completions go through, then the server answers 503 to every completion
     with pytest.raises(BackendUnavailableError, match="failed after 3 attempts"):
         _run(run_overrides, tmp_path / "out", fake, "steps=6")
     from qalign_repro.storage import RunStore, list_runs
 
     (name,) = list_runs(tmp_path / "out")
     stored = RunStore(tmp_path / "out", name, readonly=True)
-    assert stored.steps_done() == 3
+    # chains advance on their own (schedule=auto is async here), so each chain kept its own prefix of the
+    # uninterrupted run; together they hold at most the 18 completions that went through, and some of them
     partial = _chains(stored)
-    assert partial == [chain[:3] for chain in reference]
+    assert all(got == chain[:len(got)] for got, chain in zip(partial, reference, strict=True))
+    assert 0 < sum(map(len, partial)) <= 18
 
     fake.fail_after = None
     resumed = _chains(_run(run_overrides, tmp_path / "out", fake, "steps=6"))
