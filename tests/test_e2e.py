@@ -11,6 +11,8 @@ from _helpers import run_module
 
 from qalign_repro.storage import RunStore, list_runs
 
+pytestmark = pytest.mark.slow  # real tiny-model pipeline runs in subprocesses: not in `make test-fast`
+
 STEPS, PROMPTS = 4, 3
 
 

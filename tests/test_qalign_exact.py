@@ -76,6 +76,7 @@ def test_qalign_matches_enumerated_target(target, capsys):
     assert tv_biased > 2 * tv_exact and tv_biased > 0.03
 
 
+@pytest.mark.slow
 def test_qalign_is_exact_through_the_async_driver(target, capsys):
     """Chains that advance on their own (out-of-order completions, micro-batched RM) target the same
     distribution: the schedule never changes what a step decides."""

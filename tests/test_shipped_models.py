@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from qalign_repro.tasks.arith import Arith
 from qalign_repro.tiny import assets_dir
 
+pytestmark = pytest.mark.slow  # samples the shipped models at the card's scale: not in `make test-fast`
+
 LM_DIR, RM_DIR = assets_dir("tiny-lm"), assets_dir("tiny-rm")
 N_PROMPTS = 64
 

@@ -16,6 +16,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+pytestmark = pytest.mark.slow  # trains and samples real tiny models: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_tiny.py"
 SMALL = [

