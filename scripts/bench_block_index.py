@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_schedule import machine, reset_cache, spread  # noqa: E402
+from bench_schedule import machine, reset_cache, spread, write_doc_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Block index"
@@ -135,8 +135,6 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.write:
-        from bench_schedule import write_doc_section
-
         write_doc_section(SECTION, text)
     for closer in (gen, reward):
         closer.close()
