@@ -679,3 +679,17 @@ def test_chain_layout_errors_name_the_instance(tmp_path):
     from qalign_repro.predict import check_chain_layout
     with pytest.raises(DataError, match=r"instance 1 is chain 0 of doc 'b'; expected chain 1 of doc 'a'"):
         check_chain_layout([("a", 0), ("b", 0)], 2, "r")
+
+
+def test_reward_figure_labels_a_shared_start_once():
+    """Series that start from the same point (n=1 of MV, BoN and QAlign is one sample) get one "n=1" there, not
+    a stack of identical labels; each series still has its own label at its last budget."""
+    df = _points([1e9, 2e9, 4e9], [0.3, 0.4, 0.5])
+    df.loc[(df["series"] == "MV") & (df["n"] > 1), "mean_reward_selected"] += 0.2
+    df.loc[df["series"] == "MV", "y"] = df.loc[df["series"] == "MV", "mean_reward_selected"]
+    with pl.plt.style.context(str(pl.STYLE_PATH)):
+        fig = pl.figure_reward(df, pl.series_styles(df), "accuracy")
+        labels = [(t.get_text(), tuple(t.xy)) for t in fig.axes[0].texts]
+        pl.plt.close(fig)
+    assert sorted(text for text, _ in labels) == ["n=1", "n=4", "n=4"]
+    assert len(set(labels)) == len(labels)

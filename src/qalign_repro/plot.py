@@ -442,6 +442,7 @@ def figure_reward(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], met
         d = df[df["dataset"] == ds]
         ys: list[float] = []
         drawn: set[tuple[float, float]] = set()
+        labelled: set[tuple[str, float, float]] = set()  # series that start at one point share one "n=1"
         shifted = 0
         xs: list[float] = []
         for s in [s for s in styles if s in set(d["series"])]:
@@ -453,9 +454,16 @@ def figure_reward(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], met
             ax.plot(e["mean_reward_selected"], e["y"], label=s, clip_on=False, **kw)
             ys += list(e["y"])
             xs += list(e["mean_reward_selected"])
-            for _, r in (e.iloc[[0, -1]] if len(e) > 1 else e).iterrows():
-                ax.annotate(f"n={int(r['n'])}", (r["mean_reward_selected"], r["y"]), fontsize=6,
-                            xytext=(2, 2), textcoords="offset points", color=st["color"])
+            ends = e.iloc[[0, -1]] if len(e) > 1 else e
+            for (_, r), below in zip(ends.iterrows(), (len(e) > 1, False)):
+                text, at = f"n={int(r['n'])}", (r["mean_reward_selected"], r["y"])
+                key = (text, round(float(at[0]), 6), round(float(at[1]), 4))
+                if key in labelled:
+                    continue
+                labelled.add(key)
+                # the start below its point, where the rising curves leave room; the end above it
+                ax.annotate(text, at, fontsize=6, xytext=(2, -8 if below else 2), textcoords="offset points",
+                            color=st["color"])
         ax.set_xlabel("Mean reward of the selected output")
         ax.set_ylabel(metric_label(metric))
         ax.xaxis.set_major_locator(mticker.MaxNLocator(nbins=5))
