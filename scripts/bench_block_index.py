@@ -73,7 +73,7 @@ def main() -> None:
 
     from qalign_repro.cli import compose_config
     from qalign_repro.methods.base import Chain
-    from qalign_repro.run import build_backends
+    from qalign_repro.stages.run import build_backends
     from qalign_repro.tasks import get_task
 
     cfg = compose_config([*DEFAULTS, f"backend.engine.block_size={args.block_size}", f"dataset.n={args.prompts}",

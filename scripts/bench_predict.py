@@ -97,7 +97,7 @@ def _output(text, reward, accepted, index, ids, prop_len, prop_reward, gen, pre,
 
 
 def build_run(root: Path, dataset: str, method: str, n_prompts: int, n: int, seed: int) -> None:
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     name = f"{dataset}-{method}"
     rng = np.random.default_rng(seed)
@@ -199,8 +199,8 @@ def loop_predict(root: Path, names: list[str], n_boot: int, pair_sample: int) ->
     """Per prompt, per budget Python loops over the same stored data (timed by part)."""
     from rouge_score import rouge_scorer
 
-    from qalign_repro.selection import budgets
-    from qalign_repro.storage import RunStore
+    from qalign_repro.analysis.selection import budgets
+    from qalign_repro.store.storage import RunStore
 
     clock = Clock()
     rouge_pairs_total = 0
@@ -283,14 +283,14 @@ def loop_predict(root: Path, names: list[str], n_boot: int, pair_sample: int) ->
 
 def vectorised_predict(root: Path, names: list[str], n_boot: int) -> dict:
     """The stage as users run it (minus Hydra start-up), then its reading step alone for the breakdown."""
-    from qalign_repro.predict import (
+    from qalign_repro.stages.predict import (
         OUTPUT_FIELDS,
         PredictOptions,
         iter_output_fields,
         predict_runs,
         write_tables,
     )
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     clock = Clock()
     clock.start("stage")

@@ -210,7 +210,7 @@ def run_all(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from qalign_repro.cli import compose_config
     from qalign_repro.methods.base import Chain
-    from qalign_repro.run import build_backends
+    from qalign_repro.stages.run import build_backends
     from qalign_repro.tasks import get_task
 
     own_backend = args.serve or any(o.startswith("backend=") for o in overrides)

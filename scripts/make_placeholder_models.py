@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from qalign_repro.tiny import build_tokenizer, llama_config, save_tokenizer
+from qalign_repro.models.tiny import build_tokenizer, llama_config, save_tokenizer
 
 
 def make(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 2) -> tuple[Path, Path]:

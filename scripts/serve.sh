@@ -34,7 +34,7 @@ import shlex, sys
 from urllib.parse import urlparse
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
-from qalign_repro.models_io import resolve_model_path
+from qalign_repro.models.folders import resolve_model_path
 try:
     cfg = compose_config(["backend=openai", *sys.argv[1:]])
     lm, rm = resolve_model_path(cfg.model, "model"), resolve_model_path(cfg.reward, "reward")

@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from qalign_repro.calibrate import SHIPPED_FILE
-from qalign_repro.tiny import assets_dir
+from qalign_repro.models.tiny import assets_dir
+from qalign_repro.stages.calibrate import SHIPPED_FILE
 
 KEY = ("model", "reward", "dataset", "settings")
 

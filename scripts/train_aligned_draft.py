@@ -36,9 +36,9 @@ import torch
 
 from qalign_repro.lm.hf import HFGenerator
 from qalign_repro.methods.base import derive_seed
+from qalign_repro.models.tiny import assets_dir
 from qalign_repro.rm.hf import HFReward
 from qalign_repro.tasks.arith import Arith
-from qalign_repro.tiny import assets_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

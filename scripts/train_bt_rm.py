@@ -66,7 +66,7 @@ def pairs_from_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def pairs_from_runs(root: str, names: list[str], seed: int = 0) -> list[dict[str, Any]]:
     """One pair per prompt: a random correct output preferred over a random incorrect one (paper, App. H);
     prompts whose outputs are all correct or all wrong give no pair."""
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     rng = random.Random(seed)
     rows = []

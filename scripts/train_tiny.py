@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import operator
+import os
 import platform
 import random
 import re
@@ -43,8 +44,8 @@ import transformers
 import yaml
 from transformers import GenerationConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from qalign_repro.models.tiny import build_tokenizer, llama_config, save_tokenizer
 from qalign_repro.tasks.arith import Arith
-from qalign_repro.tiny import build_tokenizer, llama_config, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "qalign_repro" / "assets"
@@ -317,7 +318,7 @@ def prefix_labels(seq: list[int], gold: list[int], start: int, correct: bool, st
 def pairwise_accuracy(rm, enc: Encoder, task: Arith, docs: list[dict], rows: list[list[dict]]) -> dict[str, Any]:
     """Over every (correct, incorrect) sample pair of the same prompt: how often the correct one scores
     higher (ties count half). ``n_prompts`` is the effective sample size (pairs of a prompt are correlated)."""
-    wins, total, prompts = 0.0, 0, 0
+    per_wins, per_total = [], []
     for d, row in zip(docs, rows):
         good = [s["text"] for s in row if s["correct"]]
         bad = [s["text"] for s in row if not s["correct"]]
@@ -326,12 +327,23 @@ def pairwise_accuracy(rm, enc: Encoder, task: Arith, docs: list[dict], rows: lis
         msgs = task.prompt(d)
         r = score(rm, [enc.chat(msgs, t) for t in good + bad], enc.pad)
         rg, rb = r[: len(good)][:, None], r[len(good) :][None, :]
-        wins += float((rg > rb).sum() + 0.5 * (rg == rb).sum())
-        total += len(good) * len(bad)
-        prompts += 1
+        per_wins.append(float((rg > rb).sum() + 0.5 * (rg == rb).sum()))
+        per_total.append(len(good) * len(bad))
+    wins, total, prompts = sum(per_wins), sum(per_total), len(per_total)
     # None, not NaN, when there are no pairs: metrics.json stays strict JSON
     return {"pairwise_accuracy": round(wins / total, 4) if total else None, "n_pairs": total,
-            "n_prompts": prompts}
+            "n_prompts": prompts, "ci95": prompt_bootstrap_ci(per_wins, per_total)}
+
+
+def prompt_bootstrap_ci(wins: list[float], totals: list[int], n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """95 % percentile bootstrap interval of sum(wins) / sum(totals), resampling prompts (the pairs of one
+    prompt are correlated, so prompts are the unit); seeded, so the record is reproducible."""
+    if not totals:
+        return None
+    w, t = np.asarray(wins, dtype=np.float64), np.asarray(totals, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(n_boot, len(t)))
+    acc = w[idx].sum(1) / t[idx].sum(1)
+    return [round(float(np.quantile(acc, 0.025)), 4), round(float(np.quantile(acc, 0.975)), 4)]
 
 
 def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassification:
@@ -746,8 +758,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+#: flags whose value is a path: recorded by ``_portable`` (the record must not depend on where the repo lives)
+PATH_FLAGS = ("--out", "--dataset", "--lm-from")
+
+
+def _portable(value: str | Path) -> str:
+    """A path as metrics.json and the cards record it: relative to the repository root when it lies inside
+    the repository, else ``<outside repo>/<its last component>`` (a scratch folder's location is no setting)."""
+    p = Path(value)
+    full = p if p.is_absolute() else Path.cwd() / p
+    # as written first (conf/ is a link into src/), then with links resolved (a repo reached through a link)
+    for cand in (Path(os.path.normpath(full)), full.resolve()):
+        try:
+            return cand.relative_to(REPO).as_posix() or "."
+        except ValueError:
+            pass
+    return f"<outside repo>/{p.name}"
+
+
+def _record_argv(argv: list[str]) -> list[str]:
+    """The command line as recorded: the values of ``PATH_FLAGS`` made repo-relative by ``_portable``."""
+    out, path_next = [], False
+    for a in argv:
+        flag, eq, value = a.partition("=")
+        if path_next:
+            out.append(_portable(a))
+        elif eq and flag in PATH_FLAGS:
+            out.append(f"{flag}={_portable(value)}")
+        else:
+            out.append(a)
+        path_next = not path_next and a in PATH_FLAGS
+    return out
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (_portable(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -765,7 +810,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         lm, lm_info, prev = *train_lm(args, tok, enc, task), None
         # save the LM at once (card and figures follow at the end): a run stopped later resumes with --lm-from
-        early = {"argv": list(sys.argv[1:] if argv is None else argv), "settings": _settings(args),
+        early = {"argv": _record_argv(list(sys.argv[1:] if argv is None else argv)), "settings": _settings(args),
                  "dataset": task.settings, "lm": lm_info, "wall_s": {"lm_train": round(time.time() - t_start, 1)}}
         save(lm, tok, args.out / "tiny-lm", "# tiny-lm (RM stage and measurements not finished)\n", early)
     t_lm, cpu_lm = time.time(), time.process_time()
@@ -789,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm_wall = prev["wall_s"]["lm_train"] if prev else round(t_lm - t_start, 1)
     lm_cpu = lm_info.get("cpu_s") if prev else round(cpu_lm - cpu_start, 1)
     metrics: dict[str, Any] = {
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        "argv": _record_argv(list(sys.argv[1:] if argv is None else argv)),
         "lm_argv": prev["argv"] if prev else None,
         "settings": _settings(args),
         "dataset": task.settings,

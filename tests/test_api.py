@@ -9,8 +9,8 @@ import qalign_repro
 from qalign_repro import CARDS, SSS, Ancestral, QAlign, load_model, load_reward, load_task
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError, StorageError
-from qalign_repro.run import execute
-from qalign_repro.storage import RunStore
+from qalign_repro.stages.run import execute
+from qalign_repro.store.storage import RunStore
 from qalign_repro.tasks import Task, get_task
 
 SCHEMA = {"completion_ids", "text", "reward", "accepted", "index", "proposal_len", "proposal_reward",
@@ -165,7 +165,7 @@ def test_load_task_builds_prompts_in_the_task_format():
 def test_tiny_cpu_models_get_one_torch_thread(monkeypatch):
     import torch
 
-    from qalign_repro.threads import SMALL_MODEL_PARAMS, tune_cpu_threads
+    from qalign_repro.models.threads import SMALL_MODEL_PARAMS, tune_cpu_threads
 
     class Fake:
         name, device = "hf", "cpu"

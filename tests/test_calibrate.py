@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from qalign_repro.calibrate import (
+from qalign_repro.analysis.diagnostics import run_diagnostics
+from qalign_repro.analysis.stats import changed_acceptance_rate, identical_proposals
+from qalign_repro.cli import compose_config
+from qalign_repro.errors import ConfigError
+from qalign_repro.methods.base import Chain, RunContext
+from qalign_repro.stages.calibrate import (
     BETA_RANGE,
     ChainPairs,
     acceptance_probabilities,
@@ -18,12 +23,7 @@ from qalign_repro.calibrate import (
     pair_acceptance,
     precision_warning,
 )
-from qalign_repro.cli import compose_config
-from qalign_repro.diagnostics import run_diagnostics
-from qalign_repro.errors import ConfigError
-from qalign_repro.methods.base import Chain, RunContext
-from qalign_repro.run import build_backends, execute
-from qalign_repro.stats import changed_acceptance_rate, identical_proposals
+from qalign_repro.stages.run import build_backends, execute
 from qalign_repro.tasks import get_task
 
 

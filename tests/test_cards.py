@@ -12,7 +12,6 @@ from _helpers import TOY
 
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
-from qalign_repro.evaluate import evaluate_run
 from qalign_repro.lm.toy import EOS, ToyGenerator
 from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.cards import (
@@ -22,9 +21,10 @@ from qalign_repro.methods.cards import (
     cut_segment,
     reward_threshold,
 )
-from qalign_repro.predict import PredictOptions, predict_runs
 from qalign_repro.rm.toy import ToyReward
-from qalign_repro.run import execute
+from qalign_repro.stages.evaluate import evaluate_run
+from qalign_repro.stages.predict import PredictOptions, predict_runs
+from qalign_repro.stages.run import execute
 
 MAX_NEW = 4
 GEN = {"vocab": 3, "max_len": MAX_NEW, "seed": 4, "scale": 1.0}

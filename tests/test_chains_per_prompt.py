@@ -7,10 +7,10 @@ from _helpers import TOY
 
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
-from qalign_repro.fsck import check_store
-from qalign_repro.naming import run_name
-from qalign_repro.run import execute
-from qalign_repro.storage import RunStore
+from qalign_repro.stages.run import execute
+from qalign_repro.store.fsck import check_store
+from qalign_repro.store.run_names import run_name
+from qalign_repro.store.storage import RunStore
 
 
 def _cfg(root, *extra: str):

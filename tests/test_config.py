@@ -7,7 +7,7 @@ from _helpers import run_module
 
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
-from qalign_repro.naming import run_name
+from qalign_repro.store.run_names import run_name
 
 
 @pytest.mark.parametrize(

@@ -9,19 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qalign_repro import calibrate
-from qalign_repro.calibrate import (
+from qalign_repro.cli import compose_config
+from qalign_repro.errors import DataError
+from qalign_repro.models.folders import model_fingerprints
+from qalign_repro.models.tiny import assets_dir
+from qalign_repro.stages import calibrate
+from qalign_repro.stages.calibrate import (
     SHIPPED_FILE,
     acceptance_probabilities,
     load_or_calibrate,
     shipped_calibration,
 )
-from qalign_repro.cli import compose_config
-from qalign_repro.errors import DataError
-from qalign_repro.models_io import model_fingerprints
-from qalign_repro.run import execute
-from qalign_repro.summary import read_table, summarize
-from qalign_repro.tiny import assets_dir
+from qalign_repro.stages.run import execute
+from qalign_repro.stages.summary import read_table, summarize
 
 REGENERATE = ("the shipped calibration no longer matches the shipped models or experiment=tiny's calibrate "
               "settings; rerun, for experiment=tiny (and tiny_repro): python -m qalign_repro.calibrate "

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from _helpers import run_module
 
-from qalign_repro.storage import RunStore, list_runs
+from qalign_repro.store.storage import RunStore, list_runs
 
 pytestmark = pytest.mark.slow  # real tiny-model pipeline runs in subprocesses: not in `make test-fast`
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qalign_repro import flops as fl
+from qalign_repro.analysis import flops as fl
 from qalign_repro.errors import DataError
-from qalign_repro.predict import PredictOptions, predict_run
-from qalign_repro.storage import RunStore
+from qalign_repro.stages.predict import PredictOptions, predict_run
+from qalign_repro.store.storage import RunStore
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "qalign_repro" / "assets"
 

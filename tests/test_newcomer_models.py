@@ -16,10 +16,10 @@ from _helpers import run_module
 from qalign_repro.cli import CONF_DIR, compose_config
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import check_budget
-from qalign_repro.models_io import check_architecture, context_length, inspect_model, model_positions
-from qalign_repro.naming import config_hash, group_name
-from qalign_repro.run import context_error, untrained_note
-from qalign_repro.tiny import assets_dir
+from qalign_repro.models.folders import check_architecture, context_length, inspect_model, model_positions
+from qalign_repro.models.tiny import assets_dir
+from qalign_repro.stages.run import context_error, untrained_note
+from qalign_repro.store.run_names import config_hash, group_name
 
 BENCHMARKS = ["gsm8k", "gsm_symbolic", "gsm_symbolic_p1", "gsm_symbolic_p2", "math500", "mmlu_redux", "truthfulqa",
               "ifeval"]
@@ -117,7 +117,7 @@ def test_a_refused_start_leaves_no_run_and_evaluate_finds_none(tmp_path):
     """The mission's old failure: a prompt beyond the context left an empty "created" run graded 0.000."""
     from qalign_repro.cli import select_runs
     from qalign_repro.errors import StorageError
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     cfg = compose_config(["dataset=mmlu_redux", "dataset.n=4", "model.max_context=300", "progress=false",
                           f"output_root={tmp_path}"])

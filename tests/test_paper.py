@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qalign_repro import paper
-from qalign_repro import plot as pl
+from qalign_repro.analysis import paper
 from qalign_repro.errors import DataError
-from qalign_repro.predict import PredictOptions, predict_runs
-from qalign_repro.storage import RunStore
+from qalign_repro.stages import plot as pl
+from qalign_repro.stages.predict import PredictOptions, predict_runs
+from qalign_repro.store.storage import RunStore
 
 TABLE1_DATASETS = ("math500", "gsm8k", "truthfulqa", "mmlu_redux", "ifeval")
 

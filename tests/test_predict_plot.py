@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from rouge_score import rouge_scorer
 
-from qalign_repro import plot as pl
 from qalign_repro.errors import DataError
-from qalign_repro.predict import PredictOptions, predict_runs, write_tables
-from qalign_repro.storage import RunStore
+from qalign_repro.stages import plot as pl
+from qalign_repro.stages.predict import PredictOptions, predict_runs, write_tables
+from qalign_repro.store.storage import RunStore
 
 EXP = "synth"
 
@@ -163,8 +163,8 @@ def test_burn_in_and_resampled_orders(store_root):
 
 
 def test_sql_projection_equals_the_streaming_api(store_root, monkeypatch):
-    from qalign_repro import predict as pr
-    from qalign_repro import storage
+    from qalign_repro.stages import predict as pr
+    from qalign_repro.store import storage
 
     fields = pr.OUTPUT_FIELDS + ("text",)
     store = RunStore(store_root, "ifeval-qa", readonly=True)
@@ -440,7 +440,7 @@ SWEEP_RUNS = ["qa-b0.01", "qa-b0.1.shard0of2", "qa-b0.1.shard1of2", "qa-b0.1-see
 
 
 def test_sweep_runs_are_separate_series_in_csv_console_table_and_figures(sweep_root, tmp_path, capsys):
-    from qalign_repro import predict as pr
+    from qalign_repro.stages import predict as pr
 
     table, diag = predict_runs(sweep_root, SWEEP_RUNS, PredictOptions(bootstrap=100))
     qa_rows = table[table["rule"] == "qalign"]
@@ -500,7 +500,7 @@ def test_runs_differing_only_in_beta_sweep_alone_and_no_sweep_without_two_betas(
 
 
 def test_distinguishing_keys_and_labels():
-    from qalign_repro.predict import _label_part, distinguishing_keys
+    from qalign_repro.stages.predict import _label_part, distinguishing_keys
 
     a = {"beta": 0.1, "model.name": "a", "model.path": "/m/a", "method.name": "qalign", "seed": 0}
     b = {"beta": 0.1, "model.name": "b", "model.path": "/m/b", "method.name": "qalign", "seed": 0,
@@ -516,7 +516,7 @@ def test_distinguishing_keys_and_labels():
                                            ("backend.name", "vllm")]] == \
         ["β=0.005", "chains=4", "model.path=y", "backend=vllm"]
     # chains: the stored meta value, also for runs from before the option existed (then 1)
-    from qalign_repro.predict import run_identity
+    from qalign_repro.stages.predict import run_identity
     old, new = run_identity({"config": {"method": {"name": "qalign"}}}), run_identity({"chains": 4, "config": {}})
     assert (old["method.chains"], new["method.chains"]) == (1, 4) and "chains" not in new
 
@@ -628,7 +628,7 @@ def make_chain_run(root: Path, name: str, k: int, answers, correct, rewards, acc
 
 
 def test_k_chains_are_pooled_interleaved_with_burn_in_per_chain(tmp_path):
-    from qalign_repro import selection as sel
+    from qalign_repro.analysis import selection as sel
 
     rng = np.random.default_rng(11)
     p_, k, steps, burn = 10, 3, 6, 2
@@ -674,9 +674,9 @@ def test_chain_layout_errors_name_the_instance(tmp_path):
     store.update_meta(chains=3)  # 4 instances are not whole groups of 3
     store.close()
     with pytest.raises(DataError, match="not a multiple of its 3 chains"):
-        from qalign_repro.predict import predict_run
+        from qalign_repro.stages.predict import predict_run
         predict_run(tmp_path, "bad", PredictOptions(bootstrap=0))
-    from qalign_repro.predict import check_chain_layout
+    from qalign_repro.stages.predict import check_chain_layout
     with pytest.raises(DataError, match=r"instance 1 is chain 0 of doc 'b'; expected chain 1 of doc 'a'"):
         check_chain_layout([("a", 0), ("b", 0)], 2, "r")
 

@@ -14,17 +14,17 @@ import pytest
 from _helpers import TOY
 from test_qalign_exact import BETA, MAX_NEW, exact_target, tv_distance
 
+from qalign_repro.analysis.diagnostics import chain_diagnostics, format_diagnostics, run_diagnostics
 from qalign_repro.cli import compose_config
-from qalign_repro.diagnostics import chain_diagnostics, format_diagnostics, run_diagnostics
 from qalign_repro.errors import ConfigError
-from qalign_repro.fsck import check_output, check_store, check_transition, transition_hook
 from qalign_repro.lm.toy import ToyGenerator
 from qalign_repro.methods.base import PURPOSE_ACCEPT, Chain, RunContext, derive_rng
 from qalign_repro.methods.driver import drive
 from qalign_repro.methods.proposal_index import IndexRule
 from qalign_repro.methods.qalign import QAlign, acceptance_probability
-from qalign_repro.naming import run_name
 from qalign_repro.rm.toy import ToyReward
+from qalign_repro.store.fsck import check_output, check_store, check_transition, transition_hook
+from qalign_repro.store.run_names import run_name
 
 HOOK = transition_hook("qalign")
 
@@ -167,7 +167,7 @@ def _cfg(root, *extra: str):
 
 def test_store_without_alpha_still_reads(tmp_path, monkeypatch):
     """Runs stored before alpha existed: fsck finds nothing wrong, diagnostics have no RB acceptance."""
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     decide = QAlign.decide
     monkeypatch.setattr(QAlign, "decide", lambda self, *a: {k: v for k, v in decide(self, *a).items()
@@ -181,7 +181,7 @@ def test_store_without_alpha_still_reads(tmp_path, monkeypatch):
 
 
 def test_block_index_run_end_to_end(tmp_path):
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     store = execute(_cfg(tmp_path, "method.index=block", "method.block_size=2"))
     outs = [o for inst in store.iter_instances() for o in inst["outputs"]]

@@ -15,7 +15,7 @@ from qalign_repro.methods.base import NonFiniteRewardError
 from qalign_repro.rm.mix import MixReward, build_reward
 from qalign_repro.rm.python import PythonReward
 from qalign_repro.rm.toy import ToyReward
-from qalign_repro.storage import RunStore, list_runs
+from qalign_repro.store.storage import RunStore, list_runs
 
 STEPS, PROMPTS = 4, 3
 MIX = ("reward.components=[{reward: toy, weight: 2.0}, "
@@ -32,10 +32,10 @@ def _cfg(root, *extra: str):
 
 
 def _four_stages(root, *extra: str) -> tuple[RunStore, pd.DataFrame]:
-    from qalign_repro.evaluate import evaluate_run
-    from qalign_repro.plot import plot
-    from qalign_repro.predict import predict
-    from qalign_repro.run import execute
+    from qalign_repro.stages.evaluate import evaluate_run
+    from qalign_repro.stages.plot import plot
+    from qalign_repro.stages.predict import predict
+    from qalign_repro.stages.run import execute
 
     store = execute(_cfg(root, *extra))
     evaluate_run(str(root), store.name)
@@ -145,7 +145,7 @@ def test_shipped_mix_on_the_hf_backend_is_the_tiny_rm_plus_the_length_penalty():
 
 def test_shipped_mix_yaml_builds_its_model_part_with_the_backend_class():
     from qalign_repro.cli import compose_config
-    from qalign_repro.run import build_backends
+    from qalign_repro.stages.run import build_backends
 
     _, reward = build_backends(compose_config([*TOY, "reward=mix"]))
     assert [type(c.reward).__name__ for c in reward.components] == ["ToyReward", "PythonReward"]
@@ -159,7 +159,7 @@ def test_shipped_mix_yaml_builds_its_model_part_with_the_backend_class():
     ("_user_rewards", "is not of the form"),
 ])
 def test_bad_target_is_one_line_config_error_before_any_run_folder(tmp_path, target, says):
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     with pytest.raises(ConfigError, match=says) as info:
         execute(_cfg(tmp_path, "reward=python", f"reward.target={target}"))
@@ -186,7 +186,7 @@ def test_unset_target_and_bad_mix_entries_are_config_errors():
     ("_user_rewards:word_reward", DataError, "reward '_user_rewards:word_reward' returned 'high' \\(str\\)"),
 ])
 def test_bad_values_stop_the_step_and_store_nothing(tmp_path, target, error, says):
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     for reward in (["reward=python", f"reward.target={target}"],
                    ["reward=mix", f"reward.components=[{{reward: toy, weight: 1.0}}, "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from _helpers import run_module
 
-from qalign_repro.storage import RunStore, list_runs
+from qalign_repro.store.storage import RunStore, list_runs
 
 
 def stored_data(root: Path) -> list:
@@ -67,8 +67,8 @@ def test_other_weights_behind_the_same_path_are_refused(tmp_path):
 
     from qalign_repro.cli import compose_config
     from qalign_repro.errors import StorageError
-    from qalign_repro.run import execute
-    from qalign_repro.tiny import assets_dir
+    from qalign_repro.models.tiny import assets_dir
+    from qalign_repro.stages.run import execute
 
     rm_dir = tmp_path / "rm"
     shutil.copytree(assets_dir("tiny-rm"), rm_dir)

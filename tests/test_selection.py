@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from qalign_repro import selection as sel
+from qalign_repro.analysis import selection as sel
 
 
 def codes_of(*rows):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from qalign_repro.models.tiny import assets_dir
 from qalign_repro.tasks.arith import Arith
-from qalign_repro.tiny import assets_dir
 
 pytestmark = pytest.mark.slow  # samples the shipped models at the card's scale: not in `make test-fast`
 

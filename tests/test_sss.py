@@ -11,13 +11,13 @@ from _helpers import TOY
 
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
-from qalign_repro.evaluate import evaluate_run
 from qalign_repro.lm.toy import ToyGenerator
 from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.sss import SSS, shifted_logprobs, verify
-from qalign_repro.predict import PredictOptions, predict_runs
 from qalign_repro.rm.toy import ToyReward
-from qalign_repro.run import execute
+from qalign_repro.stages.evaluate import evaluate_run
+from qalign_repro.stages.predict import PredictOptions, predict_runs
+from qalign_repro.stages.run import execute
 
 MAX_NEW = 4
 TARGET = {"vocab": 3, "max_len": MAX_NEW, "seed": 3, "scale": 1.0}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qalign_repro import stats
+from qalign_repro.analysis import stats
 
 
 def test_bootstrap_ci_is_seeded_and_contains_mean():

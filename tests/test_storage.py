@@ -12,7 +12,7 @@ from expkit.storage.base import invariant_assert
 from expkit.storage.base import test_generic_storage as expkit_storage_contract
 
 from qalign_repro.errors import StorageError
-from qalign_repro.storage import RunStore, SQLiteStorage, check_run_name
+from qalign_repro.store.storage import RunStore, SQLiteStorage, check_run_name
 
 
 def test_expkit_generic_contract_matches_memory_storage(tmp_path):
@@ -109,7 +109,7 @@ def _rows_without_crc(store: RunStore) -> int:
 
 
 def test_every_write_path_stores_a_checksum_and_an_edit_is_named(tmp_path):
-    from qalign_repro.storage import checksum_failures
+    from qalign_repro.store.storage import checksum_failures
 
     store = RunStore(tmp_path, "r1", create=True, meta={"m": 1})
     store.add_instances([{"id": "a"}, {"id": "b"}])
@@ -132,7 +132,7 @@ def test_every_write_path_stores_a_checksum_and_an_edit_is_named(tmp_path):
         store.verify()
     msg = str(exc.value)
     assert "run 'r1'" in msg and "output of instance 0 at step 2, output of instance 1 at step 1" in msg
-    assert "qalign_repro.fsck" in msg and "--repair" in msg and "\n" not in msg
+    assert "python -m qalign_repro.fsck" in msg and "--repair" in msg and "\n" not in msg
 
 
 _OLD_SCHEMA = """
@@ -145,8 +145,8 @@ CREATE TABLE outputs (idx INTEGER NOT NULL, step INTEGER NOT NULL, value TEXT NO
 def test_legacy_store_without_checksums_is_readable_then_migrated(tmp_path):
     import sqlite3
 
-    from qalign_repro.fsck import inspect_store
-    from qalign_repro.storage import checksum_failures, has_checksums
+    from qalign_repro.store.fsck import inspect_store
+    from qalign_repro.store.storage import checksum_failures, has_checksums
 
     db = tmp_path / "runs" / "old" / "exp.sqlite"
     db.parent.mkdir(parents=True)

@@ -74,13 +74,16 @@ def test_smoke_run_produces_loadable_hf_models(run_dir):
         assert metrics["lm"]["test"]["n"] == 12 and 0.0 <= metrics["lm"]["test"]["accuracy"] <= 1.0
         assert metrics["settings"]["steps"] == 6 and metrics["wall_s"]["total"] > 0
         assert [c["step"] for c in metrics["lm"]["val_curve"]] == [3, 6]
+        # the record names no absolute path: repo-relative inside the repo, "<outside repo>/NAME" outside it
+        assert metrics["settings"]["out"] == f"<outside repo>/{out.name}" and metrics["argv"][1] == metrics["settings"]["out"]
+        assert str(out) not in (out / kind / "metrics.json").read_text() and not metrics["settings"]["dataset"].startswith("/")
         card = (out / kind / "README.md").read_text()
         assert "seed 0" in card and "pairwise accuracy" in card
 
 
 def test_lm_training_is_deterministic(tt, tmp_path):
+    from qalign_repro.models.tiny import build_tokenizer
     from qalign_repro.tasks.arith import Arith
-    from qalign_repro.tiny import build_tokenizer
 
     args = tt.parse_args(["--out", str(tmp_path), *SMALL, "--eval-every", "0"])
     task = Arith(yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text()))
@@ -117,7 +120,7 @@ def test_lm_from_reproduces_the_one_shot_run(run_dir, tmp_path):
 
 def test_sampler_logprobs_match_an_unpadded_forward(tt):
     """The KV-cached, left-padded sampler must see exactly what one full forward of prompt + sample sees."""
-    from qalign_repro.tiny import build_tokenizer, llama_config
+    from qalign_repro.models.tiny import build_tokenizer, llama_config
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -141,8 +144,8 @@ def test_bradley_terry_fit_learns_to_prefer_the_correct_answer(dense, tt):
 
     The rejected side is the gold chain cut before its final sentence, which a 1-layer RM can tell apart in a
     few steps; whether an RM can check arithmetic is the shipped model's test, not this one."""
+    from qalign_repro.models.tiny import build_tokenizer
     from qalign_repro.tasks.arith import Arith
-    from qalign_repro.tiny import build_tokenizer
 
     cfg = yaml.safe_load((ROOT / "conf" / "dataset" / "arith.yaml").read_text())
     task = Arith(cfg)
@@ -257,8 +260,8 @@ def test_surprise_circuit_on_the_shipped_lm_prefers_gold_chains(tt):
 
     from transformers import LlamaForCausalLM
 
+    from qalign_repro.models.tiny import build_tokenizer
     from qalign_repro.tasks.arith import Arith
-    from qalign_repro.tiny import build_tokenizer
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from tiny_rm_circuit import build_surprise_rm

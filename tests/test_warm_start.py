@@ -12,18 +12,18 @@ import pytest
 from _helpers import TOY
 from test_qalign_exact import BETA, MAX_NEW, exact_target, tv_distance
 
+from qalign_repro.analysis.diagnostics import chain_diagnostics
 from qalign_repro.cli import compose_config
-from qalign_repro.diagnostics import chain_diagnostics
 from qalign_repro.errors import ConfigError
-from qalign_repro.fsck import check_store
 from qalign_repro.lm.toy import EOS, ToyGenerator
 from qalign_repro.methods.base import Chain, RunContext
 from qalign_repro.methods.driver import drive
 from qalign_repro.methods.qalign import QAlign
-from qalign_repro.naming import run_name
+from qalign_repro.methods.warm_start import chain_keys, resolve
 from qalign_repro.rm.toy import ToyReward
-from qalign_repro.run import execute
-from qalign_repro.warm_start import chain_keys, resolve
+from qalign_repro.stages.run import execute
+from qalign_repro.store.fsck import check_store
+from qalign_repro.store.run_names import run_name
 
 
 def _cfg(root, *extra: str):

@@ -1,3 +1,3 @@
-from qalign_repro.run import main
+from qalign_repro.stages.run import main
 
 main()

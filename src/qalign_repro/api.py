@@ -57,7 +57,7 @@ Prompt = str | Sequence[Mapping[str, str]]
 # -- models -------------------------------------------------------------------------------------------------
 def _model_config(group: str, name: str | Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A model config from a conf group entry, a shipped asset, a mapping, or a folder / hub id."""
-    from qalign_repro.tiny import assets_dir
+    from qalign_repro.models.tiny import assets_dir
 
     if isinstance(name, Mapping):
         cfg = dict(name)
@@ -83,7 +83,7 @@ def _reward_extra(reward: Any) -> dict[str, Any]:
 def _tuned(backend: Any) -> Any:
     """One torch thread for a tiny model on the CPU: with the default one per core, the README example took 86 s
     on a loaded 2-core machine instead of ~1 s (``threads.py``)."""
-    from qalign_repro.threads import tune_cpu_threads
+    from qalign_repro.models.threads import tune_cpu_threads
 
     tune_cpu_threads(backend)
     return backend
@@ -105,10 +105,10 @@ def load_reward(name: str | Mapping[str, Any] = "tiny", *, backend: str | None =
     """Load a reward model, resolved like ``load_model`` (``conf/reward`` entries: ``tiny``, ``toy``, ``python``
     with ``target="pkg.module:function"``, ``mix``; a mix's model components each get their own default
     backend). ``qalign_repro.rm.mix.MixReward([(reward, weight), ...])`` composes loaded rewards directly."""
-    from qalign_repro import naming  # noqa: F401  registers ${model_label:} for the mix's named components
+    from qalign_repro.models.threads import tune_cpu_threads
     from qalign_repro.rm import REWARDS
     from qalign_repro.rm.mix import build_reward, thread_backends
-    from qalign_repro.threads import tune_cpu_threads
+    from qalign_repro.store import run_names as naming  # noqa: F401  registers ${model_label:} for the mix's named components
 
     path = CONF_DIR / "reward" / f"{name}.yaml"
     node = OmegaConf.load(path) if isinstance(name, str) and path.is_file() else None
@@ -241,7 +241,7 @@ class Sampler:
                          max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                          batch_size=self.batch_size, method_cfg=self.method_cfg)
         method = self._method()
-        from qalign_repro.warm_start import attach
+        from qalign_repro.methods.warm_start import attach
 
         # init=run:<name> reads a run under output_root (here, the current folder without one); init=file:<path>
         attach(method, [(c.prompt_id, c.prompt_id, 0) for c in chains], self.model, self.max_new_tokens,
@@ -267,8 +267,8 @@ class Sampler:
 
     def _run_stored(self, method: Any, ctx: RunContext, chains: list[Chain], steps: int, root: Path,
                     run_name: str | None, progress: bool) -> list[list[dict[str, Any]]]:
-        from qalign_repro.provenance import environment_info
-        from qalign_repro.storage import RunStore
+        from qalign_repro.store.provenance import environment_info
+        from qalign_repro.store.storage import RunStore
 
         settings = self._settings()
         inputs = [{"id": c.prompt_id, "idx": c.idx, "prompt_ids": c.prompt_ids, "messages": c.messages, "doc": None}

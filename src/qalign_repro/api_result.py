@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from qalign_repro.diagnostics import chain_diagnostics
+from qalign_repro.analysis.diagnostics import chain_diagnostics
 
 #: output fields copied into ``to_pandas`` rows (when present), in this order
 OUTPUT_COLUMNS = ("text", "reward", "accepted", "index", "proposal_len", "proposal_reward", "tokens_generated",

@@ -18,7 +18,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qalign_repro import naming  # noqa: F401  registers ${model_label:} (model configs name the loaded model)
 from qalign_repro.errors import (
     BackendRequestError,
     BackendUnavailableError,
@@ -26,6 +25,7 @@ from qalign_repro.errors import (
     DataError,
     StorageError,
 )
+from qalign_repro.store import run_names as naming  # noqa: F401  registers ${model_label:} (model configs name the loaded model)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "reward", "dataset", "method", "backend", "storage", "experiment")
@@ -190,8 +190,8 @@ def interrupted() -> None:
 def select_runs(cfg: DictConfig) -> list[str]:
     """Run names a later stage works on: ``runs`` null = this config's run, "all" = every run of
     ``experiment_name``, or a list of glob patterns over run names."""
-    from qalign_repro.naming import run_name
-    from qalign_repro.storage import RunStore, list_runs
+    from qalign_repro.store.run_names import run_name
+    from qalign_repro.store.storage import RunStore, list_runs
 
     root = cfg.output_root
     spec = cfg.get("runs")

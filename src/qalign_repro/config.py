@@ -165,7 +165,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.get("run_name") is not None:
         from qalign_repro.errors import StorageError
-        from qalign_repro.storage import check_run_name
+        from qalign_repro.store.storage import check_run_name
 
         try:
             check_run_name(str(cfg.run_name))

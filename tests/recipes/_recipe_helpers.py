@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign_repro.cli import compose_config
-from qalign_repro.storage import RunStore
+from qalign_repro.store.storage import RunStore
 
 TOY = ["backend=toy", "model=toy", "reward=toy", "max_new_tokens=4", "progress=false"]
 
@@ -17,7 +17,7 @@ def toy_overrides(root: Path, *extra: str, n: int = 7, steps: int = 4, method: s
 
 
 def make_toy_run(root: Path, *extra: str, **kw: Any) -> str:
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     store = execute(compose_config(toy_overrides(root, *extra, **kw)))
     name = store.name

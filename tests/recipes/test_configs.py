@@ -49,7 +49,7 @@ def test_task_specific_needs_the_rm_path():
 
 @pytest.mark.parametrize("experiment", ["general", "task_specific"])
 def test_every_recipe_stage_composes(experiment):
-    from qalign_repro.plan import recipe_stages
+    from qalign_repro.stages.plan import recipe_stages
 
     base = [f"experiment={experiment}"] + (["reward.path=/x/rm"] if experiment == "task_specific" else [])
     cfg = compose_config(base)
@@ -114,7 +114,7 @@ def test_launcher_configs_have_gpu_defaults(launcher, expected):
 
 
 def test_recipe_refuses_missing_rm_path(capsys):
-    from qalign_repro import recipes
+    from qalign_repro.stages import recipes
 
     with pytest.raises(SystemExit) as exc:
         recipes.main(["experiment=task_specific", "--dry-run"])
@@ -126,7 +126,7 @@ def test_recipe_refuses_missing_rm_path(capsys):
                                             ("plan.tokens_per_s=0", "plan.tokens_per_s=0 is invalid"),
                                             ("plan.tokens_per_second=9", "unknown plan option")])
 def test_bad_plan_option_is_a_one_line_error(option, message, capsys):
-    from qalign_repro import plan
+    from qalign_repro.stages import plan
 
     with pytest.raises(SystemExit) as exc:
         plan.main(["experiment=recipe_tiny", option])

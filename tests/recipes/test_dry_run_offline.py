@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _helpers import REPO
 
-from qalign_repro import hub_access
+from qalign_repro.models import hub as hub_access
 
 
 class BlackHole:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qalign_repro.cli import compose_config
-from qalign_repro.plan import (
+from qalign_repro.stages.plan import (
     Lengths,
     build_plan,
     calibration_tokens,
@@ -13,7 +13,7 @@ from qalign_repro.plan import (
     recipe_stages,
     suffix_model,
 )
-from qalign_repro.storage import RunStore
+from qalign_repro.store.storage import RunStore
 
 
 def test_expected_tokens_follow_the_run_accounting():
@@ -70,7 +70,7 @@ def test_dry_run_plan_matches_a_real_tiny_run(tmp_path):
     match the tokens the real ancestral *and* QAlign runs used within 10 %. For QAlign this checks the cost model
     itself (suffix of (L+1)/2 tokens per step after the uniform cut, prefix in the prompt, RM on full outputs);
     prompt and RM lengths come from the real tokenizers."""
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     base = ["experiment=recipe_tiny", f"output_root={tmp_path}", "recipe.calibrate.enabled=false", "steps=8",
             "recipe.dataset_overrides.arith=['dataset.n=8']", "progress=false", "backend=hf"]
@@ -120,7 +120,7 @@ def test_plan_of_the_general_recipe_offline(monkeypatch):
 
 def test_occupancy_model():
     """Lock-step calls last as long as their longest sequence; async on a continuous engine does not."""
-    from qalign_repro.plan import PLAN_DEFAULTS, Lengths, expected_max, occupancy
+    from qalign_repro.stages.plan import PLAN_DEFAULTS, Lengths, expected_max, occupancy
 
     assert expected_max([5.0], 8) == 5.0
     assert expected_max([1.0, 3.0], 1) == 2.0 and abs(expected_max([1.0, 3.0], 2) - 2.5) < 1e-12

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from qalign_repro import recipes
 from qalign_repro.cli import compose_config
-from qalign_repro.storage import list_runs
+from qalign_repro.stages import recipes
+from qalign_repro.store.storage import list_runs
 
 
 def _cfg(tmp_path, *extra):

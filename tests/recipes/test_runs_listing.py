@@ -8,8 +8,8 @@ import sys
 
 from recipes._recipe_helpers import make_toy_run
 
-from qalign_repro.runs import list_table, live_status
-from qalign_repro.storage import RunStore
+from qalign_repro.store.listing import list_table, live_status
+from qalign_repro.store.storage import RunStore
 
 
 def test_listing_shows_status_progress_and_provenance(tmp_path):

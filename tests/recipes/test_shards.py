@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from recipes._recipe_helpers import TOY, comparable, hash_grades, instances, make_toy_run
 
-from qalign_repro.shards import MergedRun, ShardError, check_group, group_runs, iter_group_instances
-from qalign_repro.storage import list_runs
+from qalign_repro.store.shards import MergedRun, ShardError, check_group, group_runs, iter_group_instances
+from qalign_repro.store.storage import list_runs
 
 N, STEPS = 7, 4
 
@@ -63,7 +63,7 @@ def instances_ids(root, name):
 
 
 def _grades(root, name):
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     store = RunStore(root, name, readonly=True)
     try:
@@ -84,7 +84,7 @@ def test_missing_shard_is_named(runs):
 def test_unfinished_shard_is_named(tmp_path):
     a = make_toy_run(tmp_path, "shard.count=2", "shard.index=0", n=4, steps=3)
     b = make_toy_run(tmp_path, "shard.count=2", "shard.index=1", n=4, steps=2)  # fewer steps: not complete
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     store = RunStore(tmp_path, b)
     store.update_meta(steps=3)  # as if the run was asked for 3 steps and killed after 2
@@ -106,7 +106,7 @@ def test_shards_of_different_runs_are_refused(tmp_path):
 def test_predict_table_of_shards_equals_unsharded(runs):
     """predict pools a group's shards in the original prompt order: the whole table, bootstrap CIs included,
     equals the unsharded run's (only the run column differs: the group name)."""
-    from qalign_repro.predict import PredictOptions, predict_runs
+    from qalign_repro.stages.predict import PredictOptions, predict_runs
 
     root, whole, shards = runs
     for name in [whole, *shards]:
@@ -121,7 +121,7 @@ def test_predict_table_of_shards_equals_unsharded(runs):
 
 
 # -- multirun through the stock launchers ----------------------------------------------------------------------
-SHIM = "from qalign_repro.run import main; main()"
+SHIM = "from qalign_repro.stages.run import main; main()"
 
 
 def _multirun(root, launcher: str, *extra: str) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ def test_pairs_from_graded_runs_prefer_a_correct_output(tmp_path):
     hash_grades(tmp_path, name)  # some outputs "correct", some not
     rows = script.pairs_from_runs(str(tmp_path), [name])
     assert rows, "no prompt had both a correct and an incorrect output"
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     store = RunStore(tmp_path, name, readonly=True)
     by_text = {}
@@ -53,7 +53,7 @@ def test_arith_pairs_differ_only_in_the_answer():
 @pytest.mark.slow
 def test_trl_recipe_trains_a_few_steps_on_the_tiny_lm(tmp_path):
     pytest.importorskip("trl", reason="trl is not installed: pip install 'trl==1.16.0'")
-    from qalign_repro.tiny import assets_dir
+    from qalign_repro.models.tiny import assets_dir
 
     out = tmp_path / "rm"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(assets_dir("tiny-lm")), "--out", str(out),

@@ -19,15 +19,15 @@ def _stage(name: str):
     from qalign_repro.cli import select_runs
 
     if name == "run":
-        from qalign_repro.run import execute
+        from qalign_repro.stages.run import execute
 
         return execute
     if name == "evaluate":
-        from qalign_repro.evaluate import evaluate_run
+        from qalign_repro.stages.evaluate import evaluate_run
 
         return lambda cfg: [evaluate_run(cfg.output_root, n) for n in select_runs(cfg)]
     if name == "predict":
-        from qalign_repro.predict import predict
+        from qalign_repro.stages.predict import predict
 
         return predict
     raise ValueError(name)

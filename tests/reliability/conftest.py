@@ -23,11 +23,11 @@ def preloaded() -> None:
     (provenance imports torch). Nothing here starts threads, so forking afterwards is safe."""
     import torch  # noqa: F401
 
-    import qalign_repro.evaluate  # noqa: F401
     import qalign_repro.lm.toy  # noqa: F401
-    import qalign_repro.predict  # noqa: F401
     import qalign_repro.rm.toy  # noqa: F401
-    import qalign_repro.run  # noqa: F401
+    import qalign_repro.stages.evaluate  # noqa: F401
+    import qalign_repro.stages.predict  # noqa: F401
+    import qalign_repro.stages.run  # noqa: F401
 
 
 @pytest.fixture()

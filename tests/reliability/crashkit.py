@@ -110,9 +110,9 @@ class Episode:
 
 def _instrument(board: PhaseBoard, fault: Fault, slow: float) -> None:
     """Child side: mark phases, slow the backends by ``slow`` s per call, arm transaction kills."""
-    from qalign_repro import evaluate, predict
     from qalign_repro.methods.base import RunContext
-    from qalign_repro.storage import SQLiteStorage
+    from qalign_repro.stages import evaluate, predict
+    from qalign_repro.store.storage import SQLiteStorage
 
     def marked(phase: str, fn: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -349,7 +349,7 @@ def _check_intermediate(root: Path, name: str, fault: Fault, ep: Episode, done: 
                         reference: dict[str, Any], whole_steps: bool = True) -> int:
     """Assertions at one intermediate point; returns the steps now stored. With ``whole_steps=False`` (chains
     that advance on their own) each instance holds a prefix of its own steps instead of all holding the same."""
-    from qalign_repro.fsck import check_store
+    from qalign_repro.store.fsck import check_store
 
     now = dump_store(root, name)
     new_done = steps_done(now)
@@ -386,7 +386,7 @@ def campaign(cfg: Any, ref_cfg: Any, *, steps: int, target_kills: int, seed: int
     Returns the record, the final store and the store of an uninterrupted run of ``ref_cfg`` (same config,
     another output root). The first episode is a step-hook kill, so no random kill lands in the
     store-creation window (test_crash_edges.py covers that one)."""
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     root, ref_root = Path(cfg.output_root), Path(ref_cfg.output_root)
     ref = run_forked(lambda: execute(ref_cfg), Fault(), board=board, log=logdir / "reference.log", slow=slow)

@@ -32,7 +32,7 @@ def main(workdir: Path, out: Path) -> None:
 
     import qalign_repro.lm.hf  # noqa: F401
     import qalign_repro.rm.hf  # noqa: F401
-    import qalign_repro.run  # noqa: F401
+    import qalign_repro.stages.run  # noqa: F401
     from qalign_repro.cli import compose_config
 
     board = PhaseBoard()

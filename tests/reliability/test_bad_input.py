@@ -17,7 +17,7 @@ import pytest
 from badkit import assert_unchanged, cli_error, copy_root, snapshot, toy
 from crashkit import Fault, PhaseBoard, dump_store, run_forked, run_names
 
-from qalign_repro.fsck import check_store
+from qalign_repro.store.fsck import check_store
 
 BASE = ["method=qalign", "dataset.n=3", "steps=3"]
 GSM = ["dataset=gsm8k", "dataset.n=2"]
@@ -238,7 +238,7 @@ def _poison_rewards(monkeypatch, value: float, from_call: int) -> None:
 def test_rm_non_finite_stops_the_chain_with_nothing_stored_and_rerun_resumes(tmp_path, monkeypatch, value):
     from qalign_repro.cli import compose_config
     from qalign_repro.methods.base import NonFiniteRewardError
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     args = toy(tmp_path / "r", "method=qalign", "dataset.n=3", "steps=5")
     ref = execute(compose_config(toy(tmp_path / "ref", "method=qalign", "dataset.n=3", "steps=5")))
@@ -263,7 +263,7 @@ def test_empty_completion_is_an_error_before_anything_is_stored(tmp_path, monkey
     from qalign_repro.cli import _USER_ERRORS, compose_config
     from qalign_repro.lm.base import Completion
     from qalign_repro.lm.toy import ToyGenerator
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     def sample(self, prompts, max_tokens, seeds, temperature=1.0, return_entropies=False, prefixes=None):
         return [Completion(token_ids=[], text="", finish_reason="stop", prompt_tokens=len(p)) for p in prompts]
@@ -279,7 +279,7 @@ def test_empty_completion_is_an_error_before_anything_is_stored(tmp_path, monkey
 # -- disk full while committing -----------------------------------------------------------------------------------
 def _fill_disk_after(monkeypatch, extra_pages: int) -> None:
     """Simulate a full disk: every store opened from now on may grow by ``extra_pages`` pages only."""
-    from qalign_repro.storage import SQLiteStorage
+    from qalign_repro.store.storage import SQLiteStorage
 
     orig = SQLiteStorage._open
 
@@ -294,7 +294,7 @@ def _fill_disk_after(monkeypatch, extra_pages: int) -> None:
 
 def _disk_full_run(tmp_path, monkeypatch):
     from qalign_repro.cli import compose_config
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     args = toy(tmp_path / "r", "method=qalign", "dataset.n=3", "steps=40")
     execute(compose_config([*args, "steps=3"])).close()  # 3 committed steps, then the disk fills up
@@ -312,7 +312,7 @@ def _disk_full_run(tmp_path, monkeypatch):
 
 def test_disk_full_keeps_every_committed_step_and_rerun_resumes(tmp_path, monkeypatch):
     from qalign_repro.cli import compose_config
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     args, name, before, err = _disk_full_run(tmp_path, monkeypatch)
     assert err is not None

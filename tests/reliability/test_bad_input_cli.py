@@ -26,7 +26,7 @@ def score(self, prompts, completions):  # a reward model that overflows: NaN for
 
 
 ToyReward.score = score
-from qalign_repro.run import main  # noqa: E402
+from qalign_repro.stages.run import main  # noqa: E402
 
 main()
 '''

@@ -12,7 +12,7 @@ import pytest
 from badkit import assert_unchanged, cli_error, copy_root, snapshot, toy
 from crashkit import Fault, PhaseBoard, run_forked
 
-from qalign_repro.tiny import assets_dir
+from qalign_repro.models.tiny import assets_dir
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ HF = ["progress=false", "method=qalign", "dataset.n=2", "steps=2", "max_new_toke
 @pytest.fixture(scope="module")
 def populated(tmp_path_factory, preloaded) -> Path:
     from qalign_repro.cli import compose_config
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     root = tmp_path_factory.mktemp("populated-hf") / "root"
     cfg = compose_config(toy(root, "dataset.n=2", "steps=2"))

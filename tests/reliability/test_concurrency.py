@@ -16,7 +16,7 @@ import pytest
 from _helpers import REPO, run_module
 from crashkit import TOY, dump_store, run_names
 
-from qalign_repro.fsck import check_store
+from qalign_repro.store.fsck import check_store
 
 # long enough (fsync per step) that the first process is caught while it holds the lock
 LONG = [*TOY, "method=ancestral", "dataset.n=4", "steps=60", "seed=2"]

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from crashkit import FINALISATION_META, Fault, dump_store, run_forked, run_names, stable_meta, toy_config
 
-from qalign_repro.fsck import check_store
+from qalign_repro.store.fsck import check_store
 
 ARGS = ["method=qalign", "dataset.n=3", "steps=6", "seed=4"]
 
 
 def _run(cfg):
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     return lambda: execute(cfg)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from crashkit import Campaign, Fault, dump_store, file_digest, run_forked, run_names, toy_config
 
-from qalign_repro.fsck import check_store
+from qalign_repro.store.fsck import check_store
 
 ARGS = ["method=qalign", "dataset.n=4", "steps=8", "seed=5"]
 
@@ -21,7 +21,7 @@ def finished_run(tmp_path_factory, preloaded):
     """A completed toy QAlign run (made in a forked child, so this process holds no store open)."""
     from crashkit import PhaseBoard
 
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     root = tmp_path_factory.mktemp("finished") / "root"
     cfg = toy_config(root, *ARGS)
@@ -36,7 +36,7 @@ def copy_root(src: Path, dst: Path) -> Path:
 
 
 def _evaluate(root: Path):
-    from qalign_repro.evaluate import evaluate_run
+    from qalign_repro.stages.evaluate import evaluate_run
 
     (name,) = run_names(root)
     return lambda: evaluate_run(str(root), name)
@@ -71,7 +71,7 @@ def test_evaluate_killed_anywhere_gives_the_same_eval(tmp_path, finished_run, bo
 
 
 def _predict(root: Path):
-    from qalign_repro.predict import predict
+    from qalign_repro.stages.predict import predict
 
     cfg = toy_config(root, *ARGS)
     return lambda: predict(cfg)

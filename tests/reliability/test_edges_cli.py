@@ -37,7 +37,7 @@ def score(self, prompts, completions):  # a real SIGINT (Ctrl-C) while the RM sc
 
 
 ToyReward.score = score
-from qalign_repro.run import main  # noqa: E402
+from qalign_repro.stages.run import main  # noqa: E402
 
 main()
 '''
@@ -204,7 +204,7 @@ def test_a_stale_typed_value_is_not_shown_for_another_config(tmp_path):
 
 DELETING_EVALUATE = '''
 import shutil
-from qalign_repro.storage import RunStore
+from qalign_repro.store.storage import RunStore
 
 _lock = RunStore.lock
 
@@ -215,7 +215,7 @@ def lock_after_rm(self):  # another terminal's rm -rf between evaluate opening t
 
 
 RunStore.lock = lock_after_rm
-from qalign_repro.evaluate import main  # noqa: E402
+from qalign_repro.stages.evaluate import main  # noqa: E402
 
 main()
 '''

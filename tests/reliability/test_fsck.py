@@ -1,4 +1,4 @@
-"""``qalign_repro.fsck``: finds each kind of inconsistency, never modifies a store when checking, and
+"""``qalign_repro.store.fsck``: finds each kind of inconsistency, never modifies a store when checking, and
 ``--repair`` only truncates to the last consistent step after a backup — after which the run resumes and ends
 with exactly the data of an uninterrupted run."""
 
@@ -15,8 +15,8 @@ from badkit import copy_root
 from crashkit import Fault, PhaseBoard, dump_store, run_forked, run_names, toy_config
 
 from qalign_repro.errors import StorageError
-from qalign_repro.fsck import check_store, inspect_store, main, repair_store
-from qalign_repro.storage import CHECKED_TABLES, RunStore, row_checksum
+from qalign_repro.store.fsck import check_store, inspect_store, main, repair_store
+from qalign_repro.store.storage import CHECKED_TABLES, RunStore, row_checksum
 
 ARGS = ["method=qalign", "dataset.n=3", "steps=5", "seed=8"]
 
@@ -24,8 +24,8 @@ ARGS = ["method=qalign", "dataset.n=3", "steps=5", "seed=8"]
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, preloaded) -> Path:
     """A finished and evaluated toy QAlign run (3 prompts x 5 steps)."""
-    from qalign_repro.evaluate import evaluate_run
-    from qalign_repro.run import execute
+    from qalign_repro.stages.evaluate import evaluate_run
+    from qalign_repro.stages.run import execute
 
     root = tmp_path_factory.mktemp("fsck") / "root"
     cfg = toy_config(root, *ARGS)
@@ -194,7 +194,7 @@ def _dump_file(path: Path) -> dict:
 
 def test_repaired_run_resumes_to_the_uninterrupted_result(store, tmp_path, board):
     """Damage step 2 of one chain, repair (truncate to 2 steps), rerun: identical to the undamaged run."""
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     root, name = store
     original = dump_store(root, name)
@@ -268,8 +268,8 @@ def _flip(token: int) -> int:
 
 def _assert_damaged_everywhere(root: Path, name: str, idx: int, step: int, capsys) -> None:
     """fsck names the row; run refuses to call the run complete; evaluate names the store and the way out."""
-    from qalign_repro.evaluate import evaluate_run
-    from qalign_repro.run import execute
+    from qalign_repro.stages.evaluate import evaluate_run
+    from qalign_repro.stages.run import execute
 
     problems = _row_problems(root, name)
     assert [(p.code, p.instance, p.step) for p in problems] == [("checksum", idx, step)], problems
@@ -285,7 +285,7 @@ def _assert_damaged_everywhere(root: Path, name: str, idx: int, step: int, capsy
 
 
 def test_one_changed_character_of_a_text_is_found_and_the_run_is_not_complete(store, capsys):
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     root, name = store
     execute(toy_config(root, *ARGS))
@@ -326,8 +326,8 @@ def test_accepted_state_that_does_not_keep_the_prefix_breaks_the_qalign_invarian
 
 
 def test_fsck_uses_the_methods_own_transition_check():
-    from qalign_repro.fsck import transition_hook
     from qalign_repro.methods.qalign import transition_errors
+    from qalign_repro.store.fsck import transition_hook
 
     assert transition_hook("qalign") is transition_errors
     assert transition_hook("ancestral") is None and transition_hook("no-such-method") is None

@@ -14,7 +14,7 @@ import yaml
 from _helpers import REPO
 from badkit import cli_error, toy
 
-from qalign_repro.storage import RunStore
+from qalign_repro.store.storage import RunStore
 
 #: code that can execute data: unpickling, unsafe YAML, arbitrary evaluation
 UNSAFE = [

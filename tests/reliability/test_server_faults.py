@@ -18,7 +18,7 @@ import pytest
 from _helpers import REPO
 from crashkit import Fault, dump_store, run_forked, run_names
 
-from qalign_repro.fsck import check_store
+from qalign_repro.store.fsck import check_store
 
 FAKE = Path(__file__).with_name("fake_openai.py")
 KEY = "sk-reliability-SECRET-0123456789"
@@ -93,7 +93,7 @@ def imported(preloaded):
 
 def _run(args: list[str]):
     from qalign_repro.cli import compose_config
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     cfg = compose_config(args)
     return lambda: execute(cfg)
@@ -120,7 +120,7 @@ def test_fake_server_speaks_the_tiny_lm_vocabulary():
     from fake_openai import EOS, A, B
     from tokenizers import Tokenizer
 
-    from qalign_repro.tiny import assets_dir
+    from qalign_repro.models.tiny import assets_dir
 
     tok = Tokenizer.from_file(str(assets_dir("tiny-lm") / "tokenizer.json"))
     assert (tok.token_to_id("</s>"), tok.token_to_id("a"), tok.token_to_id("b")) == (EOS, A, B)

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm)")
 
-from qalign_repro.storage import RunStore, list_runs  # noqa: E402
+from qalign_repro.store.storage import RunStore, list_runs  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ from qalign_repro.cli import compose_config  # noqa: E402
 from qalign_repro.lm.base import Generator  # noqa: E402
 from qalign_repro.rm.base import RewardModel  # noqa: E402
 from qalign_repro.rm.hf import HFReward  # noqa: E402
-from qalign_repro.run import build_backends  # noqa: E402
+from qalign_repro.stages.run import build_backends  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

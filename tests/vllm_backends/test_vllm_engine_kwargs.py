@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qalign_repro.lm import vllm_engine
-from qalign_repro.tiny import assets_dir
+from qalign_repro.models.tiny import assets_dir
 
 LM = str(assets_dir("tiny-lm"))
 

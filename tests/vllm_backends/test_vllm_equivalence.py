@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm)")
 
 from qalign_repro.cli import compose_config  # noqa: E402
-from qalign_repro.run import execute  # noqa: E402
+from qalign_repro.stages.run import execute  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -241,7 +241,7 @@ def test_http_pool_keeps_answers_in_order_under_concurrency(fake):
 
 
 def _run(run_overrides, out: Path, fake: FakeServer, *extra: str):
-    from qalign_repro.run import execute
+    from qalign_repro.stages.run import execute
 
     cfg = compose_config(["backend=openai", *run_overrides(out, f"backend.base_url={fake.url}/v1",
                                                            f"backend.rm_base_url={fake.url}", "backend.retries=2",
@@ -267,7 +267,7 @@ def test_run_resumes_after_an_outage_with_nothing_lost(run_overrides, fake, tmp_
     fake.fail_after = 6 * 3  # 18 completions go through, then the server answers 503 to every completion
     with pytest.raises(BackendUnavailableError, match="failed after 3 attempts"):
         _run(run_overrides, tmp_path / "out", fake, "steps=6")
-    from qalign_repro.storage import RunStore, list_runs
+    from qalign_repro.store.storage import RunStore, list_runs
 
     (name,) = list_runs(tmp_path / "out")
     stored = RunStore(tmp_path / "out", name, readonly=True)
@@ -296,7 +296,7 @@ def test_backend_vllm_without_vllm_installed_says_how_to_install(run_overrides, 
     import sys
 
     from qalign_repro.errors import ConfigError
-    from qalign_repro.run import build_backends
+    from qalign_repro.stages.run import build_backends
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     cfg = compose_config(["backend=vllm", *run_overrides(tmp_path)])

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm)")
 
 from qalign_repro.cli import compose_config  # noqa: E402
-from qalign_repro.models_io import assets_dir  # noqa: E402
+from qalign_repro.models.folders import assets_dir  # noqa: E402
 from qalign_repro.rm.hf import HFReward  # noqa: E402
-from qalign_repro.run import build_backends  # noqa: E402
+from qalign_repro.stages.run import build_backends  # noqa: E402
 from qalign_repro.tasks import get_task  # noqa: E402
 
 pytestmark = pytest.mark.vllm

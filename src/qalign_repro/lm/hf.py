@@ -15,7 +15,7 @@ import torch
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import GENERATORS, Completion, check_budget
-from qalign_repro.models_io import (
+from qalign_repro.models.folders import (
     count_parameters,
     inspect_model,
     load_pretrained,

@@ -29,7 +29,7 @@ from qalign_repro.errors import BackendRequestError, BackendUnavailableError, Co
 from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.lm.hf import render_chat
 from qalign_repro.lm.vllm_engine import eos_ids, load_tokenizer, model_config, params_of, topk_entropy
-from qalign_repro.models_io import resolve_model_path
+from qalign_repro.models.folders import resolve_model_path
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: the start-up probe's limit (seconds): a server that is up lists its models at once

@@ -25,7 +25,7 @@ from typing import Any
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import GENERATORS, Completion, check_budget
 from qalign_repro.lm.hf import render_chat
-from qalign_repro.models_io import ModelSpec, inspect_model, resolve_model_path
+from qalign_repro.models.folders import ModelSpec, inspect_model, resolve_model_path
 
 #: KV cache reserved per engine on CPU when ``kv_cache_memory_bytes`` is not set: vLLM's own sizing reserves
 #: ``gpu_memory_utilization`` x total RAM, which fails on a machine whose memory other processes use.
@@ -131,7 +131,7 @@ def count_weight_params(path: str) -> int:
         try:
             from huggingface_hub import get_safetensors_metadata
 
-            from qalign_repro.hub_access import offline_reason
+            from qalign_repro.models.hub import offline_reason
 
             offline_reason()  # offline: the call below fails at once instead of retrying
             meta = get_safetensors_metadata(path)

@@ -186,6 +186,40 @@ class Method:
     kind: str = "samples"
     per_request: bool = False
 
+    # -- what the rest of the pipeline knows about a method: only these declarations, never its name ----------
+    #: the method targets its distribution exactly only when the LM samples at temperature 1 (QAlign's MH ratio
+    #: uses the model's own probabilities); other temperatures then need ``allow_inexact=true``
+    exact_only_at_temperature_one: bool = False
+    #: the predict rules a run of this method gets when ``predict.rules`` is unset; None = the sample-pool rules
+    #: (mv, wmv, bon; or mbr, wmbr, bon under ROUGE), which apply to any pool of outputs
+    default_rules: tuple[str, ...] | None = None
+    #: rules that only runs of this method support (an explicit ``predict.rules`` list drops them elsewhere)
+    own_rules: tuple[str, ...] = ()
+    #: what prefixes this method's series labels in tables and figures; None = ``"<NAME>+"`` (e.g. "CARDS+ BoN")
+    label_prefix: str | None = None
+
+    @classmethod
+    def series_prefix(cls) -> str:
+        return f"{cls.name.upper()}+" if cls.label_prefix is None else cls.label_prefix
+
+    @classmethod
+    def expected_tokens(cls, steps: int, lengths: Any) -> dict[str, float] | None:
+        """Total tokens (generated / prefilled / cached / scored) of ``steps`` outputs per prompt, for ``plan``,
+        from the measured ``lengths`` of a pilot; None = no cost model (plan says so in one line)."""
+        return None
+
+    @classmethod
+    def request_lengths(cls, lengths: Any) -> list[float]:
+        """Draws of the tokens one generation request makes, for plan's lock-step occupancy model; by default
+        the pilot's completion lengths (one request = one whole completion)."""
+        return [float(x) for x in lengths.length_samples]
+
+    @staticmethod
+    def transition_errors(prev: dict[str, Any] | None, cur: dict[str, Any]) -> list[str]:
+        """What ``fsck`` checks between consecutive stored outputs of one chain (``prev`` None for output 0):
+        one message per violated invariant; none by default."""
+        return []
+
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         self.cfg = dict(cfg or {})
 

@@ -60,7 +60,7 @@ class QAlign(Method):
         if not isinstance(self.cfg.get("length_ratio", True), bool):
             raise ConfigError(f"method.length_ratio={self.cfg['length_ratio']!r}; allowed: true or false")
         self.index_rule = IndexRule.from_cfg(self.cfg)  # method.index / block_size / index_position
-        from qalign_repro.warm_start import parse_init
+        from qalign_repro.methods.warm_start import parse_init
 
         self.init = parse_init(self.cfg.get("init", "ancestral"), self.cfg.get("init_output", 0))
         #: chain key -> state 0 of a warm start (``warm_start.attach`` fills it before the run; None: ancestral)
@@ -71,7 +71,7 @@ class QAlign(Method):
         chain's last state)."""
         seed = derive_seed(ctx.seed, chain.prompt_id, k)
         if k == 0 and self.init[0] != "ancestral":  # a warm start: state 0 is given, only scored
-            from qalign_repro.warm_start import initial_proposal
+            from qalign_repro.methods.warm_start import initial_proposal
 
             return initial_proposal(self, ctx, chain, seed)
         if k == 0:

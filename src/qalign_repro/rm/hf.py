@@ -10,7 +10,7 @@ import torch
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.hf import render_chat
-from qalign_repro.models_io import (
+from qalign_repro.models.folders import (
     count_parameters,
     inspect_model,
     load_pretrained,

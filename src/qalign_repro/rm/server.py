@@ -18,7 +18,7 @@ import numpy as np
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.openai_client import BackendRequestError, HTTPPool, HTTPSettings, served_model
 from qalign_repro.lm.vllm_engine import load_tokenizer, model_config, params_of
-from qalign_repro.models_io import resolve_model_path
+from qalign_repro.models.folders import resolve_model_path
 from qalign_repro.rm.base import REWARDS, Scores
 from qalign_repro.rm.vllm_pooling import check_scalar_rm, encode_conversation
 

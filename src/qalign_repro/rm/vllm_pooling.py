@@ -28,7 +28,7 @@ from qalign_repro.lm.vllm_engine import (
     params_of,
     require_vllm,
 )
-from qalign_repro.models_io import check_architecture, inspect_model, resolve_model_path
+from qalign_repro.models.folders import check_architecture, inspect_model, resolve_model_path
 from qalign_repro.rm.base import REWARDS, Scores
 from qalign_repro.rm.hf import conversation
 

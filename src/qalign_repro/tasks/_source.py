@@ -74,7 +74,7 @@ def hub_rows(cfg: Mapping[str, Any], config: str | None = None) -> Rows:
     if data_files:
         kwargs["data_files"] = data_files if not isinstance(data_files, Mapping) else dict(data_files)
     if not data_files:  # a hub dataset: decide once whether the hub answers (offline, the local cache only)
-        from qalign_repro.hub_access import offline_reason
+        from qalign_repro.models.hub import offline_reason
 
         offline_reason()
     try:

@@ -419,7 +419,7 @@ class RunStore:
         """Store a group of ``(instance idx, step) -> output`` atomically: the step driver commits whatever its
         chains decided since the last commit (a whole lock-step step, or a few chains' next states), so a kill
         loses at most the group in flight and each chain resumes from its own last committed state."""
-        from qalign_repro.faults import maybe_kill
+        from qalign_repro.fault_injection import maybe_kill
 
         if not outputs:
             return

@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from qalign_repro.stats import (
+from qalign_repro.analysis.stats import (
     acceptance_rate,
     changed_acceptance_rate,
     effective_sample_size,
     estimate_burn_in,
     identical_proposals,
 )
-from qalign_repro.storage import RunStore
+from qalign_repro.store.storage import RunStore
 
 
 def run_diagnostics(store: RunStore) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign_repro.errors import ConfigError
-from qalign_repro.tiny import assets_dir
+from qalign_repro.models.tiny import assets_dir
 
 
 def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
@@ -38,7 +38,7 @@ def resolve_model_path(cfg: Mapping[str, Any], what: str) -> str:
             raise ConfigError(f"{what}.path={path} has no tokenizer files (tokenizer.json / "
                               "tokenizer.model); allowed: an HF-format model folder with its tokenizer")
         return str(p)
-    from qalign_repro.hub_access import offline_reason
+    from qalign_repro.models.hub import offline_reason
 
     offline_reason()  # a hub id: decide once whether the hub answers; offline, from_pretrained reads the cache only
     return str(path)

@@ -56,7 +56,7 @@ def _check_state(ids: Any, where: str, max_new: int) -> list[int]:
 
 def _from_run(root: Path, name: str, init_output: int, generator: Any, max_new: int) -> dict[str, list[dict]]:
     from qalign_repro.errors import StorageError
-    from qalign_repro.storage import RunStore
+    from qalign_repro.store.storage import RunStore
 
     try:
         store = RunStore(root, name, readonly=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qalign_repro.errors import DataError
-from qalign_repro.storage import RunStore
+from qalign_repro.store.storage import RunStore
 
 _SHARD_SUFFIX = re.compile(r"^(?P<group>.+)\.shard(?P<index>\d+)of(?P<count>\d+)$")
 

@@ -24,7 +24,7 @@ def package_versions() -> dict[str, str]:
 
 
 def git_sha() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]  # src/qalign_repro/store/this file
     try:
         res = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)

@@ -1,0 +1,1 @@
+"""Durable storage of runs and everything that reads or checks it directly (SQL lives only here)."""
