@@ -100,14 +100,13 @@ def sample(model: LlamaForCausalLM, prompts: list[list[int]], *, max_new: int, e
     prompt sees the same positions as an unpadded one. Written out rather than ``generate`` so that nothing
     (a generation_config default, a logits processor) can silently change the distribution.
     """
+    from qalign_repro.models.hf_format import left_pad  # the backends' own left-padded batches
+
     model.eval()
     out: list[tuple[list[int], bool, list[float]]] = []
     for b in range(0, len(prompts), batch):
         chunk = prompts[b : b + batch]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], dtype=torch.long)
-        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = left_pad(chunk, pad)
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, logits = res.past_key_values, res.logits[:, -1]
         done = torch.zeros(len(chunk), dtype=torch.bool)
@@ -346,6 +345,16 @@ def prompt_bootstrap_ci(wins: list[float], totals: list[int], n_boot: int = 2000
     return [round(float(np.quantile(acc, 0.025)), 4), round(float(np.quantile(acc, 0.975)), 4)]
 
 
+def _extra_inits(args) -> list[str]:
+    """The init of each extra layer: ``--rm-extra-inits`` (one per layer, e.g. ``random,pool``) or else
+    ``--rm-extra-init`` for all of them."""
+    spec = getattr(args, "rm_extra_inits", None)
+    inits = spec.split(",") if spec else [args.rm_extra_init] * args.rm_extra_layers
+    if len(inits) != args.rm_extra_layers or set(inits) - {"random", "pool"}:
+        raise ValueError(f"--rm-extra-inits {spec!r}: need {args.rm_extra_layers} of random|pool")
+    return inits
+
+
 def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassification:
     """The RM before training: the LM's transformer (``--rm-init lm``) plus ``--rm-extra-layers`` freshly
     initialised layers on top, and a fresh scalar head."""
@@ -357,8 +366,9 @@ def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassifi
             raise ValueError("--rm-init lm needs the trained LM")
         res = rm.model.load_state_dict(lm.model.state_dict(), strict=False)
         assert not res.unexpected_keys and all(int(k.split(".")[1]) >= args.layers for k in res.missing_keys), res
-        if args.rm_extra_init == "pool":
-            for layer in rm.model.layers[args.layers :]:
+        inits = _extra_inits(args)
+        for layer, how in zip(rm.model.layers[args.layers :], inits):
+            if how == "pool":
                 # identity at the start (zero output projections), uniform causal attention (zero query/key):
                 # each position sees the running mean of the prefix, so per-token evidence (an error the LM's
                 # states already reveal) can reach the last token from the first step on
@@ -497,7 +507,17 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
         syn_docs = task.load_split("rm_train", args.rm_prompts + args.rm_synthetic_prompts)[args.rm_prompts :]
         synthetic = synthetic_pairs(task, syn_docs, args.rm_synthetic_per_prompt, random.Random(args.seed + 7))
         log(f"RM stage 1: {len(synthetic)} synthetic (gold, one-error) pairs from {len(syn_docs)} prompts")
-        fit_rm(args, tok, enc, task, lm, synthetic, rm=rm, epochs=1, on_step=held_out_curve("synthetic"))
+        stage1 = synthetic
+        if args.rm_synthetic_mix:  # the on-policy pairs too, in one seeded shuffle with the synthetic ones
+            stage1 = [(synthetic + pairs)[i] for i in np.random.default_rng(5).permutation(len(synthetic) + len(pairs))]
+            log(f"RM stage 1: mixed with the {len(pairs)} on-policy pairs")
+        # stage-1 overrides (--rm-synthetic-dense-weight / -lr); the namespace is restored for stage 2
+        s1 = argparse.Namespace(**vars(args))
+        for key in ("dense_weight", "lr"):
+            if getattr(args, f"rm_synthetic_{key}") is not None:
+                setattr(s1, f"rm_{key}", getattr(args, f"rm_synthetic_{key}"))
+        fit_rm(s1, tok, enc, task, lm, stage1, rm=rm, epochs=args.rm_synthetic_epochs,
+               on_step=held_out_curve("synthetic"))
     fit_rm(args, tok, enc, task, lm, pairs, rm=rm, on_step=held_out_curve("on-policy"))
     held = pairwise_accuracy(rm, enc, task, held_docs, held_rows)
     fit = pairwise_accuracy(rm, enc, task, fit_docs[: args.rm_fit_eval], fit_rows[: args.rm_fit_eval])
@@ -507,6 +527,8 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
             "samples_per_prompt": args.rm_samples, "train_pairs": len(pairs), "synthetic_pairs": len(synthetic),
             "extra_layers": args.rm_extra_layers, "freeze_base": args.rm_freeze_base, "heldout_curve": curve,
             "steps": max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs),
+            "stage1_steps": (math.ceil((len(synthetic) + len(pairs) * args.rm_synthetic_mix) / args.rm_batch)
+                             * args.rm_synthetic_epochs if synthetic else 0),
             "lm_accuracy_on_rm_samples": round(data_acc, 4), "heldout": held, "fit_subset": fit,
             "sampling_wall_s": round(sample_s, 1), "wall_s": round(time.time() - t0, 1)}
     return rm, info
@@ -731,6 +753,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage 1 before the on-policy pairs: rm_train problems (after the sampled ones) whose gold "
                         "chain is paired with one-error corruptions of it (0 = off, the paper's recipe)")
     g.add_argument("--rm-synthetic-per-prompt", type=int, default=4)
+    g.add_argument("--rm-synthetic-epochs", type=int, default=1, help="passes over the stage-1 pairs")
+    g.add_argument("--rm-synthetic-mix", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 1 trains on the synthetic and the on-policy pairs together (one seeded shuffle)")
+    g.add_argument("--rm-synthetic-dense-weight", type=float, default=None,
+                   help="--rm-dense-weight for stage 1 only (default: the same as stage 2)")
+    g.add_argument("--rm-synthetic-lr", type=float, default=None, help="--rm-lr for stage 1 only (default: the same)")
+    g.add_argument("--rm-extra-inits", default=None,
+                   help="one init per extra layer, comma-separated random|pool (e.g. random,pool: a freely "
+                        "initialised layer, then a running-mean pool); overrides --rm-extra-init")
     g.add_argument("--rm-dense-weight", type=float, default=0.0,
                    help="weight of the per-position loss: the head, read at every completion token, learns whether "
                         "the chain so far is still the gold one (0 = the paper's plain Bradley-Terry loss)")

@@ -9,6 +9,7 @@ import pytest
 
 from qalign_repro.analysis.diagnostics import run_diagnostics
 from qalign_repro.analysis.stats import changed_acceptance_rate, identical_proposals
+from qalign_repro.backends import build_backends
 from qalign_repro.cli import compose_config
 from qalign_repro.errors import ConfigError
 from qalign_repro.methods.base import Chain, RunContext
@@ -18,12 +19,15 @@ from qalign_repro.stages.calibrate import (
     acceptance_probabilities,
     beta_for_target,
     calibrate_beta,
+    calibration_mismatch,
+    calibration_path,
     chain_pairs,
     load_or_calibrate,
     pair_acceptance,
     precision_warning,
+    reusable_calibration,
 )
-from qalign_repro.stages.run import build_backends, execute
+from qalign_repro.stages.run import execute
 from qalign_repro.tasks import get_task
 
 
@@ -188,6 +192,29 @@ def test_stored_calibration_is_reused_only_for_the_same_settings(tmp_path):
     more = load_or_calibrate(compose_config([*base, "calibrate.prompts=9"]), generator, reward, {"lm": "x"})
     assert more["prompts"] == 9 and more["settings"]["prompts"] == 9
     assert load_or_calibrate(compose_config([*base, "calibrate.prompts=9"]), generator, reward, {"lm": "x"}) == more
+
+
+def test_one_reuse_rule_weights_dataset_models_and_settings(tmp_path, capsys):
+    """``reusable_calibration`` is the rule of beta=auto runs and of the recipes alike: a stored β is reused only
+    for the same weights, dataset, policy / RM names and calibrate settings; an unreadable file is recomputed."""
+    base = ["backend=toy", "model=toy", "reward=toy", "max_new_tokens=4", "progress=false", f"output_root={tmp_path}",
+            "calibrate.prompts=4", "calibrate.steps=3", "calibrate.iterations=1", "calibrate.pair_draws=1"]
+    cfg = compose_config(base)
+    generator, reward = build_backends(cfg)
+    prints = {"model": "a" * 16, "reward": "b" * 16}
+    first = load_or_calibrate(cfg, generator, reward, prints)
+    assert reusable_calibration(cfg, prints) == first
+    assert calibration_mismatch(first, cfg, prints) == []
+    why: list[str] = []
+    assert reusable_calibration(cfg, {**prints, "reward": "c" * 16}, on_mismatch=why.append) is None
+    assert "other weights" in why[0] and str(calibration_path(cfg)) in why[0]
+    assert calibration_mismatch({**first, "dataset": "gsm8k"}, cfg, prints) == ["dataset gsm8k (this config: arith)"]
+    assert calibration_mismatch({**first, "reward": "tiny"}, cfg, prints) == ["reward tiny (this config: toy)"]
+    steps = compose_config([*base, "calibrate.steps=4"])
+    assert calibration_mismatch(first, steps, prints) == ["other calibrate settings (steps=3, now 4)"]
+    calibration_path(cfg).write_text("{not json")
+    again = load_or_calibrate(cfg, generator, reward, prints)  # a damaged file: warned about, then recomputed
+    assert again["beta"] == first["beta"] and "is unreadable" in capsys.readouterr().err
 
 
 def test_beta_auto_records_calibration_in_meta(tmp_path):

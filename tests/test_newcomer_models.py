@@ -115,9 +115,9 @@ def test_check_budget_never_suggests_an_impossible_budget():
 
 def test_a_refused_start_leaves_no_run_and_evaluate_finds_none(tmp_path):
     """The mission's old failure: a prompt beyond the context left an empty "created" run graded 0.000."""
-    from qalign_repro.cli import select_runs
     from qalign_repro.errors import StorageError
     from qalign_repro.stages.run import execute
+    from qalign_repro.store.listing import select_runs
 
     cfg = compose_config(["dataset=mmlu_redux", "dataset.n=4", "model.max_context=300", "progress=false",
                           f"output_root={tmp_path}"])

@@ -39,7 +39,7 @@ def test_data_file_loads_and_rows_are_well_formed():
 
 
 def test_malformed_data_file_is_one_line_error(tmp_path):
-    raw = json.loads((Path(paper.__file__).parent / "data" / "paper" / paper.DATA_FILE).read_text("utf-8"))
+    raw = json.loads((Path(paper.__file__).parents[1] / "data" / "paper" / paper.DATA_FILE).read_text("utf-8"))
     del raw["rows"][3]["value_kind"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(raw), encoding="utf-8")

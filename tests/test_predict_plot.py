@@ -440,7 +440,7 @@ SWEEP_RUNS = ["qa-b0.01", "qa-b0.1.shard0of2", "qa-b0.1.shard1of2", "qa-b0.1-see
 
 
 def test_sweep_runs_are_separate_series_in_csv_console_table_and_figures(sweep_root, tmp_path, capsys):
-    from qalign_repro.stages import predict as pr
+    from qalign_repro.stages.summary import console_lines
 
     table, diag = predict_runs(sweep_root, SWEEP_RUNS, PredictOptions(bootstrap=100))
     qa_rows = table[table["rule"] == "qalign"]
@@ -457,7 +457,7 @@ def test_sweep_runs_are_separate_series_in_csv_console_table_and_figures(sweep_r
     # shards: (accepted - identical) / (proposals - identical), summed over both shards' 42 proposals each
     assert qa.loc["qa-b0.1", "acceptance_changed"] == pytest.approx((0.4 + 0.1) / (0.8 + 0.6))
     assert (qa["acceptance_low"] <= qa["acceptance"]).all() and (qa["acceptance"] <= qa["acceptance_high"]).all()
-    pr._print_summary(table)
+    print("\n".join(console_lines(table)))
     out = capsys.readouterr().out
     for label in set(table["label"]):
         assert sum(line.split("n=")[0].strip() == label for line in out.splitlines()) == 1, (label, out)
@@ -500,7 +500,7 @@ def test_runs_differing_only_in_beta_sweep_alone_and_no_sweep_without_two_betas(
 
 
 def test_distinguishing_keys_and_labels():
-    from qalign_repro.stages.predict import _label_part, distinguishing_keys
+    from qalign_repro.analysis.series import _label_part, distinguishing_keys
 
     a = {"beta": 0.1, "model.name": "a", "model.path": "/m/a", "method.name": "qalign", "seed": 0}
     b = {"beta": 0.1, "model.name": "b", "model.path": "/m/b", "method.name": "qalign", "seed": 0,
@@ -516,7 +516,7 @@ def test_distinguishing_keys_and_labels():
                                            ("backend.name", "vllm")]] == \
         ["β=0.005", "chains=4", "model.path=y", "backend=vllm"]
     # chains: the stored meta value, also for runs from before the option existed (then 1)
-    from qalign_repro.stages.predict import run_identity
+    from qalign_repro.analysis.series import run_identity
     old, new = run_identity({"config": {"method": {"name": "qalign"}}}), run_identity({"chains": 4, "config": {}})
     assert (old["method.chains"], new["method.chains"]) == (1, 4) and "chains" not in new
 
@@ -693,3 +693,64 @@ def test_reward_figure_labels_a_shared_start_once():
         pl.plt.close(fig)
     assert sorted(text for text, _ in labels) == ["n=1", "n=4", "n=4"]
     assert len(set(labels)) == len(labels)
+
+
+# -- issue 17: predict knows a method only by its declarations -----------------------------------------------
+def test_a_registered_method_gets_exactly_its_declared_rules(tmp_path, monkeypatch):
+    """A method predict has never heard of: its ``default_rules``, its ``own_rules`` (dropped from every other
+    method's explicit list), its label prefix and its RM charging come from the class alone."""
+    from qalign_repro.methods.base import METHODS, Method
+
+    class Fake(Method):
+        name = "fakepool"
+        default_rules = ("bon", "mv")
+        own_rules = ("wmv",)
+        label_prefix = "Fake "
+        reward_in_generation = False
+
+    monkeypatch.setitem(METHODS._entries, "fakepool", Fake)
+    rng = np.random.default_rng(5)
+    for run, method in (("fake", "fakepool"), ("anc", "ancestral"), ("qa", "qalign")):
+        a, c, r = random_exact(rng, 6, 4)
+        make_run(tmp_path, run, method=method, dataset="arith", answers=a, correct=c, rewards=r)
+    table, diag = predict_runs(tmp_path, ["fake", "anc", "qa"], PredictOptions(bootstrap=0))
+    rules = {run: list(dict.fromkeys(g["rule"])) for run, g in table.groupby("run")}
+    assert sorted(rules["fake"]) == ["bon", "mv"] and rules["qa"] == ["qalign"]
+    fake = table[table["run"] == "fake"]
+    assert set(zip(fake["rule"], fake["label"])) == {("bon", "Fake BoN"), ("mv", "Fake MV")}
+    assert (fake.loc[fake["rule"] == "mv", "tokens_rm"] == 0).all()  # made without the RM, reward-free rule
+    assert (fake.loc[fake["rule"] == "bon", "tokens_rm"] > 0).all()
+    assert list(diag["run"]) == ["qa"]  # kind "samples": no chain diagnostics
+    # an explicit list: each method keeps the listed rules that no other method owns
+    table, _ = predict_runs(tmp_path, ["fake", "anc", "qa"],
+                            PredictOptions(bootstrap=0, rules=("wmv", "mv", "qalign")))
+    rules = {run: sorted(set(g["rule"])) for run, g in table.groupby("run")}
+    assert rules == {"fake": ["mv", "wmv"], "anc": ["mv"], "qa": ["mv", "qalign"]}
+
+
+def test_a_method_declaring_an_unknown_rule_is_one_line_error(tmp_path, monkeypatch):
+    from qalign_repro.errors import ConfigError
+    from qalign_repro.methods.base import METHODS, Method
+    from qalign_repro.stages.predict import predict_run
+
+    monkeypatch.setitem(METHODS._entries, "oddrule", type("Odd", (Method,), {"name": "oddrule",
+                                                                              "default_rules": ("vote",)}))
+    a, c, r = random_exact(np.random.default_rng(0), 3, 2)
+    make_run(tmp_path, "odd", method="oddrule", dataset="arith", answers=a, correct=c, rewards=r)
+    with pytest.raises(ConfigError, match=r"method 'oddrule' declares unknown rule\(s\) \['vote'\]; allowed: mv, "):
+        predict_run(tmp_path, "odd", PredictOptions(bootstrap=0))
+
+
+def test_rule_declarations_are_what_the_stages_branch_on():
+    """The properties that replace rule-name checks in predict, plot and summary (one place: selection.RULES)."""
+    from qalign_repro.analysis import selection as sel
+
+    assert tuple(sel.RULES) == ("mv", "wmv", "bon", "qalign", "mbr", "wmbr")
+    assert {r: x.family for r, x in sel.RULES.items()} == {"mv": "MV", "wmv": "WMV", "bon": "BoN",
+                                                            "qalign": "QAlign", "mbr": "MV", "wmbr": "WMV"}
+    assert sel.rules_where(needs_reward=False) == ["mv", "mbr"]
+    assert sel.rules_where(follows_chain=True) == ["qalign"]
+    assert sel.rules_where(uses_beta=True) == ["wmv", "qalign", "wmbr"]
+    assert [r for r, x in sel.RULES.items() if x.over_utilities(rouge=True)] == ["qalign", "mbr", "wmbr"]
+    assert [r for r, x in sel.RULES.items() if x.over_utilities(rouge=False)] == ["mbr", "wmbr"]
+    assert sel.pool_rules(rouge=False) == ("mv", "wmv", "bon") and sel.pool_rules(rouge=True) == ("mbr", "wmbr", "bon")

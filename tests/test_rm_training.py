@@ -27,8 +27,8 @@ def tt():
 
 @pytest.fixture(scope="module")
 def setup(tt):
-    from qalign_repro.tasks.arith import Arith
     from qalign_repro.models.tiny import assets_dir, build_tokenizer
+    from qalign_repro.tasks.arith import Arith
 
     torch.set_num_threads(1)
     tok = build_tokenizer()

@@ -174,8 +174,9 @@ class Sampler:
             raise ConfigError(f"beta={beta!r}; allowed: a number > 0")
         if not float(temperature) > 0:
             raise ConfigError(f"temperature={temperature!r}; allowed: a number > 0")
-        if self.method == "qalign" and float(temperature) != 1.0 and not allow_inexact:
-            raise ConfigError("temperature != 1 breaks QAlign's exactness; allowed: 1.0, or allow_inexact=True")
+        if METHODS.get(self.method).exact_only_at_temperature_one and float(temperature) != 1.0 and not allow_inexact:
+            raise ConfigError(f"temperature={temperature!r} breaks {type(self).__name__}'s exactness; allowed: 1.0, "
+                              "or allow_inexact=True")
         if self.max_new_tokens < 1 or int(batch_size) < 1 or int(seed) < 0:
             raise ConfigError("max_new_tokens and batch_size must be >= 1 and seed >= 0")
         self.model, self.reward = model, reward
@@ -196,11 +197,11 @@ class Sampler:
 
     def _settings(self) -> dict[str, Any]:
         """Everything that changes what is generated (the run name hashes it)."""
+        from qalign_repro.methods.proposal_index import without_default_index
+        from qalign_repro.methods.warm_start import without_default_init
+
         method = {k: v for k, v in self.method_cfg.items() if not (k == "chains" and v == 1)}  # as before the option
-        if method.get("init", "ancestral") == "ancestral":  # ancestral starts: as before warm starts existed
-            method = {k: v for k, v in method.items() if k not in ("init", "init_output")}
-        if method.get("index", "uniform") == "uniform":  # the paper's index: as before method.index existed
-            method = {k: v for k, v in method.items() if k not in ("index", "block_size", "index_position")}
+        method = without_default_index(without_default_init(method))  # default start and index: as before them
         return {"method": method, "beta": self.beta, "seed": self.seed, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens,
                 "model": {"name": getattr(self.model, "name", None), "path": str(getattr(self.model, "path", None))},

@@ -8,7 +8,6 @@ Hydra reports a bad override with a multi-line trace; users get one line instead
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import re
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from qalign_repro.errors import (
     BackendRequestError,
@@ -28,7 +27,7 @@ from qalign_repro.errors import (
 from qalign_repro.store import run_names as naming  # noqa: F401  registers ${model_label:} (model configs name the loaded model)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-GROUPS = ("model", "reward", "dataset", "method", "backend", "storage", "experiment")
+GROUPS = ("model", "reward", "dataset", "method", "backend", "experiment")
 _USER_ERRORS = (ConfigError, DataError, StorageError, BackendUnavailableError, BackendRequestError)
 
 
@@ -185,40 +184,3 @@ def interrupted() -> None:
     print(f"interrupted{f' after {done}' if done else ''}; the stored data are intact; rerun the same command "
           "to resume", file=sys.stderr, flush=True)
     raise SystemExit(INTERRUPTED_EXIT)
-
-
-def select_runs(cfg: DictConfig) -> list[str]:
-    """Run names a later stage works on: ``runs`` null = this config's run, "all" = every run of
-    ``experiment_name``, or a list of glob patterns over run names."""
-    from qalign_repro.store.run_names import run_name
-    from qalign_repro.store.storage import RunStore, list_runs
-
-    root = cfg.output_root
-    spec = cfg.get("runs")
-    existing = list_runs(root)
-    if spec is None:
-        name = run_name(cfg)
-        if name not in existing:
-            raise StorageError(
-                f"no run {name!r} under {root}/runs for these overrides; run `python -m qalign_repro.run` "
-                f"with them first (existing runs: {', '.join(existing) or 'none'})"
-            )
-        return [name]
-    if spec == "all":
-        experiments = {n: RunStore(root, n, readonly=True).meta.get("experiment_name") for n in existing}
-        picked = [n for n, e in experiments.items() if e == cfg.experiment_name]
-        if not picked:
-            counts: dict[str, int] = {}
-            for e in experiments.values():
-                counts[str(e)] = counts.get(str(e), 0) + 1
-            held = ", ".join(f"{e} ({k} run{'s' * (k > 1)})" for e, k in sorted(counts.items())) or "none"
-            raise StorageError(
-                f"runs=all matches no run of experiment_name={cfg.experiment_name} under {root}/runs (runs=all "
-                f"takes every run of experiment_name; the runs there belong to: {held}); allowed: "
-                "experiment_name=<one of those> (or the experiment=... you ran with), or runs='[<glob>]'")
-    else:
-        patterns = [spec] if isinstance(spec, str) else list(OmegaConf.to_container(spec))
-        picked = [n for n in existing if any(fnmatch.fnmatch(n, p) for p in patterns)]
-    if not picked:
-        raise StorageError(f"runs={spec} matches no run under {root}/runs (existing: {', '.join(existing) or 'none'})")
-    return picked

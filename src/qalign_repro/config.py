@@ -142,20 +142,21 @@ def validate(cfg: DictConfig) -> None:
 
     _check_name("method", cfg.method.name)
     _check_method_options(cfg)
-    if schedule == "async":
-        from qalign_repro.methods import METHODS
+    from qalign_repro.methods import METHODS
 
-        if not METHODS.get(str(cfg.method.name)).per_request:
+    method = METHODS.get(str(cfg.method.name))  # its declarations (methods/base.py), never its name
+    if schedule == "async":
+        if not method.per_request:
             raise ConfigError(f"schedule=async needs a method that makes one request per output; method="
                               f"{cfg.method.name} runs batched steps only; allowed: schedule=lockstep or schedule=auto")
     _check_name("dataset", cfg.dataset.name)
     _check_name("backend.generator", cfg.backend.generator)
     _check_name("backend.reward", cfg.backend.reward)
 
-    if cfg.method.name == "qalign" and temperature != 1.0 and not cfg.allow_inexact:
+    if method.exact_only_at_temperature_one and temperature != 1.0 and not cfg.allow_inexact:
         raise ConfigError(
-            f"temperature={cfg.temperature} with method=qalign breaks exactness (the proposal must be the "
-            "model at temperature 1); allowed: temperature=1.0, or set allow_inexact=true"
+            f"temperature={cfg.temperature} with method={cfg.method.name} breaks exactness (the proposal must be "
+            "the model at temperature 1); allowed: temperature=1.0, or set allow_inexact=true"
         )
     context = cfg.model.get("max_context")
     if context is not None and cfg.max_new_tokens >= int(context):

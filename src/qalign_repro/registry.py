@@ -1,13 +1,20 @@
 """Name -> class registries for tasks, methods and backends.
 
 Adding a task/method/backend is one module that calls ``REGISTRY.register("name")`` plus one yaml in
-``conf/<group>/``. Modules of the owning package are imported lazily on first lookup so that a new file is
-picked up without editing any list.
+``conf/<group>/``; a new file is picked up without editing any list.
+
+Lazy by convention: the module of name ``X`` is ``<package>.X`` (``lm/hf.py`` registers generator ``hf``,
+``rm/openai.py`` reward ``openai``, ``methods/qalign.py`` method ``qalign``), so ``get("X")`` imports that one
+module and nothing else, and a stage imports only the backends, methods and tasks it names (evaluate, predict
+and plot on a stored run import no torch, vLLM or httpx; ``tests/test_lazy_imports.py``). A module may register
+other names too (``tasks/gsm_symbolic.py`` registers ``gsm_symbolic_p1`` and ``_p2``): those are found by the
+fallback, which imports every module of the package, as do ``names()`` and the error listing what is allowed.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -48,7 +55,21 @@ class Registry(Generic[T]):
         self._load_all()
         return sorted(self._entries)
 
+    def _load_named(self, name: str) -> None:
+        """Import ``<package>.<name>`` when such a module exists (the naming convention of the module doc)."""
+        if not name.isidentifier() or name.startswith("_"):
+            return
+        module = f"{self.package}.{name}"
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            importlib.import_module(module)
+
     def get(self, name: str) -> T:
+        if name not in self._entries:
+            self._load_named(name)
         if name not in self._entries:
             self._load_all()
         if name not in self._entries:

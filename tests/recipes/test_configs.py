@@ -49,7 +49,7 @@ def test_task_specific_needs_the_rm_path():
 
 @pytest.mark.parametrize("experiment", ["general", "task_specific"])
 def test_every_recipe_stage_composes(experiment):
-    from qalign_repro.stages.plan import recipe_stages
+    from qalign_repro.stages.overrides import recipe_stages
 
     base = [f"experiment={experiment}"] + (["reward.path=/x/rm"] if experiment == "task_specific" else [])
     cfg = compose_config(base)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from qalign_repro.cli import compose_config
+from qalign_repro.methods.qalign import suffix_model
 from qalign_repro.stages.plan import (
     Lengths,
     build_plan,
     calibration_tokens,
     expected_tokens,
     recipe_stages,
-    suffix_model,
 )
 from qalign_repro.store.storage import RunStore
 

@@ -45,17 +45,70 @@ def test_sharded_recipe_is_a_multirun_on_the_launcher(tmp_path):
     assert step.argv[-1] == "hydra/launcher=submitit_slurm"
 
 
+def _stored_calibration(cfg, over, **changes):
+    """What ``python -m qalign_repro.calibrate`` writes for the recipe's calibrate stage, with ``changes``."""
+    from qalign_repro.models.folders import model_fingerprints
+    from qalign_repro.stages.calibrate import calibration_settings
+
+    stage = recipes.calibration_config(cfg, over)
+    return {"beta": 0.37, "model": str(stage.model.name), "reward": str(stage.reward.name),
+            "dataset": str(stage.dataset.name), "settings": calibration_settings(stage),
+            "weights": model_fingerprints(stage), **changes}
+
+
 def test_beta_comes_from_the_calibration_file(tmp_path, capsys):
     cfg, over = _cfg(tmp_path)
     assert recipes.calibrate(cfg, over, execute=False) == pytest.approx(1.0)  # nothing yet: the config's value
     path = tmp_path / "calibration" / f"{cfg.experiment_name}.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"beta": 0.37, "model": "tiny", "reward": "tiny"}))
+    path.write_text(json.dumps(_stored_calibration(cfg, over)))
     assert recipes.calibrate(cfg, over, execute=False) == pytest.approx(0.37)
     assert recipes.calibrate(cfg, [*over, "beta=2"], execute=False) == 2.0  # explicit beta wins
-    path.write_text(json.dumps({"beta": 0.37, "model": "other", "reward": "tiny"}))
-    assert recipes.read_calibration(cfg) is None  # calibrated for another policy: not reused
-    assert "calibrated for other" in capsys.readouterr().err
+    path.write_text(json.dumps(_stored_calibration(cfg, over, model="other")))
+    assert recipes.read_calibration(cfg, over) is None  # calibrated for another policy: not reused
+    assert "was calibrated for model other (this config: tiny)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"weights": {"model": "0" * 16, "reward": "1" * 16}}, "other weights"),
+    ({"dataset": "gsm8k"}, "dataset gsm8k (this config: arith)"),
+    ({"reward": "toy"}, "reward toy (this config: tiny)"),
+    ({"settings": "stage settings"}, "unrecorded calibrate settings"),
+])
+def test_recipe_refuses_a_calibration_made_for_other_weights_dataset_or_models(tmp_path, capsys, changes, why):
+    """The recipe applies the same reuse rule as ``beta=auto`` runs (calibrate.reusable_calibration): before,
+    it compared the model names only and reused a β measured on other weights or another dataset."""
+    cfg, over = _cfg(tmp_path)
+    path = tmp_path / "calibration" / f"{cfg.experiment_name}.json"
+    path.parent.mkdir(parents=True)
+    stored = _stored_calibration(cfg, over, **changes)
+    if changes.get("settings") == "stage settings":
+        del stored["settings"]  # a file from before the settings were recorded
+    path.write_text(json.dumps(stored))
+    assert recipes.read_calibration(cfg, over) is None
+    assert why in capsys.readouterr().err
+    assert recipes.calibrate(cfg, over, execute=False) == pytest.approx(float(cfg.beta))  # the config's, warned
+
+
+def test_recipe_judges_a_calibration_by_the_calibrate_stages_settings(tmp_path, capsys):
+    """The calibrate stage runs with ``recipe.calibrate.overrides`` (calibrate.split=train here): a file made
+    with other calibrate settings, or without those overrides, is refused; the matching one is reused."""
+    cfg, over = _cfg(tmp_path)
+    path = tmp_path / "calibration" / f"{cfg.experiment_name}.json"
+    path.parent.mkdir(parents=True)
+    matching = _stored_calibration(cfg, over)
+    assert matching["settings"]["split"] == "train" and matching["settings"]["prompts"] == 4
+    for key, value in (("prompts", 8), ("split", None), ("count", "changed")):
+        path.write_text(json.dumps({**matching, "settings": {**matching["settings"], key: value}}))
+        assert recipes.read_calibration(cfg, over) is None, key
+        assert f"other calibrate settings ({key}=" in capsys.readouterr().err
+    path.write_text(json.dumps(matching))
+    assert recipes.read_calibration(cfg, over)["beta"] == 0.37
+    # the user's calibrate.* overrides reach the calibrate stage, so they change what matches
+    assert recipes.read_calibration(compose_config([*over, "calibrate.prompts=8"]), [*over, "calibrate.prompts=8"]) is None
+    # a file from before fingerprints were stored: taken as made with the current weights
+    path.write_text(json.dumps({k: v for k, v in matching.items() if k != "weights"}))
+    assert recipes.calibrate(cfg, over, execute=False) == pytest.approx(0.37)
 
 
 def test_missing_calibration_falls_back_to_config_beta_with_a_warning(tmp_path, capsys):

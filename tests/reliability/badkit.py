@@ -16,7 +16,7 @@ from crashkit import TOY, dump_store, run_names
 
 
 def _stage(name: str):
-    from qalign_repro.cli import select_runs
+    from qalign_repro.store.listing import select_runs
 
     if name == "run":
         from qalign_repro.stages.run import execute

@@ -107,12 +107,12 @@ def test_openai_backend_without_a_server_fails_in_seconds_naming_the_url(tmp_pat
 
 def test_reward_server_without_a_server_fails_in_seconds_naming_the_url(capsys):
     from qalign_repro.errors import BackendUnavailableError
-    from qalign_repro.rm.server import ServerReward
+    from qalign_repro.rm.openai import OpenAIReward
 
     dead = f"http://127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
     with pytest.raises(BackendUnavailableError) as info:
-        ServerReward({"name": "tiny", "path": None, "asset": "tiny-rm"}, {"rm_base_url": dead, "retries": 6})
+        OpenAIReward({"name": "tiny", "path": None, "asset": "tiny-rm"}, {"rm_base_url": dead, "retries": 6})
     assert time.monotonic() - t0 < 15
     msg = str(info.value)
     assert "\n" not in msg and f"reward server: no server answers at {dead} (GET {dead}/v1/models" in msg
@@ -122,7 +122,7 @@ def test_reward_server_without_a_server_fails_in_seconds_naming_the_url(capsys):
 
 # -- vLLM's console ---------------------------------------------------------------------------------------------------
 def test_vllm_logging_is_quiet_by_default_and_verbose_on_request(monkeypatch):
-    from qalign_repro.lm.vllm_engine import QUIET_LEVEL, configure_logging, configure_process
+    from qalign_repro.lm.vllm import QUIET_LEVEL, configure_logging, configure_process
 
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     configure_logging(False)
@@ -145,7 +145,7 @@ import importlib.util
 import os
 
 os.environ.pop("VLLM_LOGGING_LEVEL", None)
-from qalign_repro.lm.vllm_engine import configure_logging, require_vllm
+from qalign_repro.lm.vllm import configure_logging, require_vllm
 
 require_vllm("test", {"verbose": False})
 vllm_logger = logging.getLogger("vllm")

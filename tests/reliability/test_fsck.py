@@ -326,11 +326,13 @@ def test_accepted_state_that_does_not_keep_the_prefix_breaks_the_qalign_invarian
 
 
 def test_fsck_uses_the_methods_own_transition_check():
+    from qalign_repro.methods.ancestral import Ancestral
     from qalign_repro.methods.qalign import transition_errors
     from qalign_repro.store.fsck import transition_hook
 
     assert transition_hook("qalign") is transition_errors
-    assert transition_hook("ancestral") is None and transition_hook("no-such-method") is None
+    assert transition_hook("ancestral") is Ancestral.transition_errors  # each sample checked on its own
+    assert transition_hook("cards") is None and transition_hook("no-such-method") is None  # declares none
     prev = {"completion_ids": [5, 6, 7, 0], "text": "567", "reward": 0.5}
     good = {"completion_ids": [5, 6, 9, 0], "text": "569", "reward": 0.7, "proposal_reward": 0.7, "accepted": True,
             "index": 2, "proposal_len": 4, "tokens_generated": 2}

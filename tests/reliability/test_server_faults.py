@@ -1,4 +1,4 @@
-"""Server faults with the OpenAI-compatible backends (``backend=openai``: lm/openai_client.py + rm/server.py)
+"""Server faults with the OpenAI-compatible backends (``backend=openai``: lm/openai.py + rm/openai.py)
 against fake servers (fake_openai.py: stdlib http.server processes that start in about a second; a real vLLM
 server takes minutes to start on 2 CPU cores). A server SIGKILLed mid-run and restarted on the same port: the
 run retries with backoff, says so, and ends with exactly the data of an undisturbed run. A server that stays
@@ -87,8 +87,8 @@ def imported(preloaded):
     import tenacity  # noqa: F401
     import transformers  # noqa: F401
 
-    import qalign_repro.lm.openai_client  # noqa: F401
-    import qalign_repro.rm.server  # noqa: F401
+    import qalign_repro.lm.openai  # noqa: F401
+    import qalign_repro.rm.openai  # noqa: F401
 
 
 def _run(args: list[str]):

@@ -124,7 +124,7 @@ def test_unsupported_cpu_head_size_is_refused_before_loading(tmp_path):
     from pathlib import Path
 
     from qalign_repro.errors import ConfigError
-    from qalign_repro.lm.vllm_engine import VLLMGenerator, on_cpu
+    from qalign_repro.lm.vllm import VLLMGenerator, on_cpu
 
     if not on_cpu():
         pytest.skip("GPU vLLM supports this head size")

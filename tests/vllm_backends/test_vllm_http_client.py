@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from qalign_repro.cli import compose_config
-from qalign_repro.lm.openai_client import (
+from qalign_repro.lm.openai import (
     BackendRequestError,
     BackendUnavailableError,
     HTTPPool,

@@ -36,7 +36,10 @@ import pandas as pd
 from qalign_repro.errors import DataError
 
 DATA_FILE = "qalign_2025.json"
-#: paper method -> (our method, our rules)
+#: paper method -> (our method, our rules). Data, not a dispatch: it transcribes which of our registered methods
+#: and selection rules reproduce each row of the paper's Table 1, the way ``models.<id>.aliases`` in the data file
+#: transcribes model names. Nothing branches on a method here (a new method simply matches no published row), so
+#: this stays a table of names rather than a query of the methods' declarations.
 METHOD_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "QAlign": ("qalign", ("qalign",)),
     "MV": ("ancestral", ("mv", "mbr")),

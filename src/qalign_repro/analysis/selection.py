@@ -29,7 +29,7 @@ Tie-breaking (deterministic, documented once here)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,6 +246,61 @@ def mbr_all_budgets(utility: np.ndarray, budgets_: Sequence[int], start: int = 0
 def correctness(sel: Selection, correct: np.ndarray) -> np.ndarray:
     """Alias of ``Selection.correct`` for a functional style."""
     return sel.correct(correct)
+
+
+# -- what the pipeline knows about each rule ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """One selection rule as predict, plot and summary see it. They branch on these properties, never on a
+    rule's name, so a new rule is one entry in ``RULES`` (its name and family are table values: keep them)."""
+
+    name: str
+    #: the paper's name of the rule's family: MBR over base-model samples is still called MV (paper §4.2), its
+    #: weighted form WMV
+    family: str
+    #: reads rewards, so it pays for the RM even on a pool that was sampled without one
+    needs_reward: bool = False
+    #: weights outputs by softmax(r/β) (the table reports that β as ``selection_beta``)
+    weighted: bool = False
+    #: decides by pairwise utilities of the texts on every task (MBR, WMBR)
+    mbr: bool = False
+    #: reads a chain: its states in stored order after burn-in (never reordered, undefined for n <= burn-in),
+    #: by MV on exact tasks and MBR-ROUGE over the states on rouge tasks; only chain runs report it
+    follows_chain: bool = False
+    #: the decision on encoded answers ``(codes, rewards, n, burn_in, beta) -> Selection``; None = utilities only
+    exact: Callable[[np.ndarray, np.ndarray, int, int, float], Selection] | None = None
+
+    def over_utilities(self, rouge: bool) -> bool:
+        """Whether the rule decides by pairwise utilities (needs the texts) on a task with this MBR kind."""
+        return self.mbr or (rouge and self.follows_chain)
+
+    @property
+    def uses_beta(self) -> bool:
+        """The run's β shapes the rule's result: its weights, or the distribution the chain targets."""
+        return self.weighted or self.follows_chain
+
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    Rule("mv", "MV", exact=lambda c, r, n, b, beta: majority_vote(c, n)),
+    Rule("wmv", "WMV", needs_reward=True, weighted=True,
+         exact=lambda c, r, n, b, beta: weighted_majority_vote(c, r, n, beta)),
+    Rule("bon", "BoN", needs_reward=True, exact=lambda c, r, n, b, beta: best_of_n(r, n, c)),
+    Rule("qalign", "QAlign", needs_reward=True, follows_chain=True,
+         exact=lambda c, r, n, b, beta: qalign(c, n, b)),
+    Rule("mbr", "MV", mbr=True),
+    Rule("wmbr", "WMV", needs_reward=True, weighted=True, mbr=True),
+)}
+#: the rules that apply to any pool of outputs (a method's ``default_rules`` None), per MBR kind of the task
+POOL_RULES = {"exact": ("mv", "wmv", "bon"), "rouge": ("mbr", "wmbr", "bon")}
+
+
+def pool_rules(rouge: bool) -> tuple[str, ...]:
+    return POOL_RULES["rouge" if rouge else "exact"]
+
+
+def rules_where(**props: bool) -> list[str]:
+    """Names of the rules whose properties have the given values, e.g. ``rules_where(follows_chain=True)``."""
+    return [name for name, r in RULES.items() if all(getattr(r, k) == v for k, v in props.items())]
 
 
 # -- ROUGE utilities for MBR (open-ended tasks) -----------------------------------------------------------------

@@ -7,10 +7,14 @@ where a resumed run restarted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from qalign_repro.registry import Registry
+
+if TYPE_CHECKING:
+    import numpy as np
 
 GENERATORS: Registry[Any] = Registry("generator backend", "qalign_repro.lm")
 
@@ -78,4 +82,27 @@ class Generator(Protocol):
     ) -> list[Completion]:
         """One pure ancestral sample per prompt (no top-k/top-p), ``max_tokens[j]`` new tokens at most."""
 
+    def next_token_logprob_rows(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                                n_rows: Sequence[int], temperature: float = 1.0, batch_size: int = 64
+                                ) -> list[np.ndarray]:
+        """Full next-token log-probabilities (float64 ``[n_rows[j], vocab]``, tempered: log softmax(logits / T))
+        at the last ``n_rows[j]`` positions of ``prompts[j] + completions[j]``: row i is the distribution after
+        ``completions[j][:len - n_rows[j] + 1 + i]``. Token-level methods (SSS's acceptance rule) need whole
+        distributions; a backend that returns only top-k log-probs raises ``unsupported(...)``."""
+
+    def like(self, model_cfg: Mapping[str, Any]) -> Generator:
+        """Another model (a model/ config mapping) on this backend with this one's settings, e.g. SSS's draft."""
+
     def close(self) -> None: ...
+
+
+#: the generator backends whose ``next_token_logprob_rows`` and ``like`` work (the rest raise ``unsupported``)
+FULL_DISTRIBUTION_BACKENDS = ("hf", "toy")
+
+
+def unsupported(backend: str, what: str) -> Exception:
+    """The one-line error of a backend asked for something it cannot do: names it and what is allowed."""
+    from qalign_repro.errors import ConfigError
+
+    return ConfigError(f"generator backend {backend!r} cannot {what}; allowed: backend="
+                       f"{' or backend='.join(FULL_DISTRIBUTION_BACKENDS)}")

@@ -8,30 +8,16 @@ QAlign's proposal differ from the model. Here every row draws from its own ``tor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import GENERATORS, Completion, check_budget
-from qalign_repro.models.folders import (
-    count_parameters,
-    inspect_model,
-    load_pretrained,
-    pick_device,
-    resolve_model_path,
-    torch_dtype,
-)
+from qalign_repro.models import hf_format as hff
 
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"tokenizer of {getattr(tokenizer, 'name_or_path', '?')} has no chat template; "
-            "allowed: a model folder whose tokenizer_config.json or chat_template.jinja defines one"
-        )
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+if TYPE_CHECKING:
+    import torch
 
 
 @GENERATORS.register("hf")
@@ -39,36 +25,22 @@ class HFGenerator:
     name = "hf"
 
     def __init__(self, model_cfg: Mapping[str, Any], backend_cfg: Mapping[str, Any] | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        backend_cfg = backend_cfg or {}
-        self.path = resolve_model_path(model_cfg, "model")
-        spec = inspect_model(model_cfg, self.path, "model", "lm")  # before any weight loads
-        self.device = pick_device(str(backend_cfg.get("device", "auto")))
-        trust = bool(model_cfg.get("trust_remote_code", False))
-        self.tokenizer = load_pretrained(AutoTokenizer, self.path, "model", trust_remote_code=trust)
-        self.model = load_pretrained(
-            AutoModelForCausalLM, self.path, "model", dtype=torch_dtype(str(model_cfg.get("dtype", "float32"))), trust_remote_code=trust
-        ).to(self.device)
-        self.model.eval()
-        self.n_params = count_parameters(self.model)
+        self.path, spec, self.device, self.tokenizer, self.model = hff.load_hf_model(
+            "AutoModelForCausalLM", model_cfg, "model", "lm", backend_cfg)
+        self.n_params = hff.count_parameters(self.model)
         self.max_context, self.max_positions = spec.max_context, spec.positions
-        eos = self.model.config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_token_ids = sorted({eos} if isinstance(eos, int) else set(eos))
+        self.eos_token_ids = hff.eos_ids({"eos_token_id": self.model.config.eos_token_id}, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
     # -- text <-> ids -----------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return hff.encode_chat(self.tokenizer, messages)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return hff.decode(self.tokenizer, token_ids)
 
     # -- sampling ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @hff.inference_mode
     def sample(
         self,
         prompts: list[list[int]],
@@ -77,21 +49,15 @@ class HFGenerator:
         temperature: float = 1.0,
         return_entropies: bool = False,
     ) -> list[Completion]:
+        import torch
         from transformers import DynamicCache
 
         if not prompts:
             return []
         check_budget(prompts, max_tokens, self.max_context)
         batch = len(prompts)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            if p:
-                ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[j, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = hff.left_pad(prompts, self.pad_id)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
         eos = torch.tensor(self.eos_token_ids)
 
@@ -115,7 +81,7 @@ class HFGenerator:
                 out_ids[j].append(k)
                 out_lp[j].append(float(logp[j, k]))
                 if return_entropies:
-                    out_ent[j].append(float(-(probs[j] * logp[j]).nan_to_num().sum()))
+                    out_ent[j].append(hff.token_entropy(probs[j], logp[j]))
             stopped = torch.isin(tok, eos) & active
             for j in torch.nonzero(stopped).flatten().tolist():
                 finish[j] = "stop"
@@ -142,19 +108,41 @@ class HFGenerator:
             for j in range(batch)
         ]
 
-    @torch.inference_mode()
+    @hff.inference_mode
     def next_token_logprobs(self, prefixes: list[list[int]]) -> torch.Tensor:
         """Log-probabilities of the next token after each prefix ([batch, vocab]); used by token-level methods."""
-        width = max(len(p) for p in prefixes)
-        ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(prefixes):
-            ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[j, width - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        import torch
+
+        ids, mask, positions = hff.left_pad(prefixes, self.pad_id)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device)).logits[:, -1, :]
         return torch.log_softmax(logits.float().cpu(), dim=-1)
+
+    @hff.inference_mode
+    def next_token_logprob_rows(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                                n_rows: Sequence[int], temperature: float = 1.0, batch_size: int = 64
+                                ) -> list[np.ndarray]:
+        """The protocol's full next-token distributions (lm/base.py): one forward pass per sequence over
+        ``prompt + completion`` keeping the last ``n_rows[j]`` positions' logits (no KV cache across calls)."""
+        import torch
+
+        seqs = [list(p) + list(y) for p, y in zip(prompts, completions)]
+        out: list[np.ndarray] = []
+        for s in range(0, len(seqs), batch_size):
+            chunk, rows = seqs[s:s + batch_size], n_rows[s:s + batch_size]
+            ids, mask, positions = hff.left_pad(chunk, self.pad_id)
+            keep = max(rows)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device), logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits.float().cpu() / temperature, dim=-1).double().numpy()
+            for j, n in enumerate(rows):
+                out.append(logp[j, keep - n:])
+        return out
+
+    def like(self, model_cfg: Mapping[str, Any]) -> HFGenerator:
+        """Another model on this backend and device (SSS's draft), float32 unless ``model_cfg`` says otherwise."""
+        spec = {"name": "draft", "dtype": "float32", "trust_remote_code": False, **dict(model_cfg)}
+        return type(self)(spec, {"device": self.device})
 
     def close(self) -> None:
         self.model = None

@@ -9,7 +9,7 @@ a fixed random logit table (seeded), not on the prompt.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,23 @@ class ToyGenerator:
     def next_probs(self, completion: list[int]) -> np.ndarray:
         prev = completion[-1] if completion else self.vocab
         return self.probs[len(completion), prev]
+
+    def next_token_logprob_rows(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                                n_rows: Sequence[int], temperature: float = 1.0, batch_size: int = 64
+                                ) -> list[np.ndarray]:
+        """The protocol's full next-token distributions from the explicit table (the toy model conditions on the
+        completion only, so ``prompts`` are not read)."""
+        out = []
+        for y, n in zip(completions, n_rows):
+            rows = np.stack([self.next_probs(list(y[:len(y) - n + 1 + i])) for i in range(n)])
+            out.append(_temper(np.log(rows), temperature))
+        return out
+
+    def like(self, model_cfg: Mapping[str, Any]) -> ToyGenerator:
+        """Another toy model (e.g. SSS's draft: another ``seed``/``scale``) with this one's vocabulary and limits
+        unless ``model_cfg`` sets them."""
+        spec = {"vocab": self.vocab, "max_len": self.max_len, "max_context": self.max_context, **dict(model_cfg)}
+        return type(self)(spec)
 
     def sample(self, prompts: list[list[int]], max_tokens: list[int], seeds: list[int], temperature: float = 1.0,
                return_entropies: bool = False, prefixes: list[list[int]] | None = None) -> list[Completion]:
@@ -100,3 +117,11 @@ class ToyGenerator:
 
     def close(self) -> None:
         pass
+
+
+def _temper(logp: np.ndarray, temperature: float) -> np.ndarray:
+    """log softmax(log p / T): the tempered distribution, as the HF backend tempers its logits."""
+    if temperature == 1.0:
+        return logp
+    z = logp / temperature
+    return z - np.logaddexp.reduce(z, axis=-1, keepdims=True)

@@ -5,14 +5,44 @@ from __future__ import annotations
 from typing import Any
 
 from qalign_repro.lm.base import Completion
-from qalign_repro.methods.base import METHODS, Chain, Method, Proposal, RunContext, derive_seed, output_record
+from qalign_repro.methods.base import (
+    METHODS,
+    Chain,
+    Method,
+    Proposal,
+    RunContext,
+    derive_seed,
+    one_sample_errors,
+    output_record,
+)
 
 
 @METHODS.register("ancestral")
 class Ancestral(Method):
     name = "ancestral"
     kind = "samples"
+    reward_in_generation = False
     per_request = True
+    label_prefix = ""  # its rules name the series: "MV", "WMV", "BoN"
+    model_samples = True
+
+    @classmethod
+    def expected_tokens(cls, steps: int, lengths: Any) -> dict[str, float]:
+        """Per output: generated L, prefilled P, cached P after the first sample (a prefix cache), RM R."""
+        n, p, length, r = lengths.n_prompts, lengths.prompt_tokens, lengths.completion_tokens, lengths.rm_tokens
+        return {"tokens_generated": n * steps * length, "tokens_prefilled": n * steps * p,
+                "tokens_cached": n * (steps - 1) * p, "tokens_scored": n * steps * r}
+
+    @staticmethod
+    def transition_errors(prev: dict[str, Any] | None, cur: dict[str, Any]) -> list[str]:
+        """Every output is one whole sample, so fsck checks each on its own (``prev`` is always None)."""
+        bad = one_sample_errors(cur)
+        if cur["accepted"] is not True or cur["index"] != 0:
+            bad.append("an independent sample must have accepted=true and index=0")
+        if cur["proposal_len"] != len(cur["completion_ids"]):
+            bad.append(f"proposal_len={cur['proposal_len']} differs from the completion length "
+                       f"{len(cur['completion_ids'])}")
+        return bad
 
     def propose(self, ctx: RunContext, chain: Chain, k: int) -> Proposal:
         return Proposal(chain=chain, k=k, prompt_ids=chain.prompt_ids, max_tokens=ctx.max_new_tokens,

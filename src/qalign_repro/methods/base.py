@@ -169,6 +169,15 @@ def output_record(completion_ids: list[int], text: str, reward: float, *, accept
     }
 
 
+def one_sample_errors(cur: dict[str, Any]) -> list[str]:
+    """fsck's rule for a method that makes each output from one generation request: what was generated is (the
+    suffix of) the proposal. A part of ``transition_errors`` of QAlign and ancestral sampling; not a rule for
+    methods that count discarded tokens too (CARDS rejects chunks, SSS drops drafted tokens)."""
+    if cur["tokens_generated"] > cur["proposal_len"]:
+        return [f"tokens_generated={cur['tokens_generated']} > proposal_len={cur['proposal_len']}"]
+    return []
+
+
 class Method:
     """A test-time method: produces output ``k`` of every chain, as a pure function of (config, chain state, k).
 
@@ -197,6 +206,9 @@ class Method:
     own_rules: tuple[str, ...] = ()
     #: what prefixes this method's series labels in tables and figures; None = ``"<NAME>+"`` (e.g. "CARDS+ BoN")
     label_prefix: str | None = None
+    #: whether making the outputs calls the reward model (QAlign, CARDS and SSS do; plain sampling does not, so a
+    #: reward-free rule such as MV over its pool is charged no RM FLOPs in predict)
+    reward_in_generation: bool = True
 
     @classmethod
     def series_prefix(cls) -> str:
@@ -204,8 +216,10 @@ class Method:
 
     @classmethod
     def expected_tokens(cls, steps: int, lengths: Any) -> dict[str, float] | None:
-        """Total tokens (generated / prefilled / cached / scored) of ``steps`` outputs per prompt, for ``plan``,
-        from the measured ``lengths`` of a pilot; None = no cost model (plan says so in one line)."""
+        """Total tokens (``tokens_generated`` / ``_prefilled`` / ``_cached`` / ``_scored``, summed over prompts) of
+        ``steps`` outputs per prompt, mirroring what the run stage stores, for ``plan``. ``lengths`` is plan's
+        ``Lengths``: ``n_prompts``, mean ``prompt_tokens`` P, ``completion_tokens`` L and ``rm_tokens`` R, and
+        the measured ``length_samples`` (may be empty). None = no cost model (plan says so in one line)."""
         return None
 
     @classmethod
@@ -214,10 +228,17 @@ class Method:
         the pilot's completion lengths (one request = one whole completion)."""
         return [float(x) for x in lengths.length_samples]
 
+    #: every stored output is an independent sample of the model itself, so ``plan`` measures completion lengths
+    #: on all of a run's outputs (on other runs only on output 0, a chain's ancestral start). Not ``kind``: CARDS
+    #: and SSS outputs are independent of each other, but samples of an aligned distribution, not of the model
+    model_samples: bool = False
+
     @staticmethod
     def transition_errors(prev: dict[str, Any] | None, cur: dict[str, Any]) -> list[str]:
-        """What ``fsck`` checks between consecutive stored outputs of one chain (``prev`` None for output 0):
-        one message per violated invariant; none by default."""
+        """What ``fsck`` checks on a stored output: one message per violated invariant; none by default (the
+        method has no rules of its own and fsck checks only the generic schema). ``prev`` is the previous
+        state of the same chain for a ``kind = "chain"`` method; None for output 0, and for every output of a
+        ``"samples"`` method (each is checked on its own)."""
         return []
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):

@@ -38,6 +38,15 @@ INDEX_KINDS = ("uniform", "block", "fixed")
 DEFAULT_BLOCK_SIZE = 16
 
 
+def without_default_index(method: dict[str, Any]) -> dict[str, Any]:
+    """The ``method`` config node as a run's identity (run name hash) sees it: the paper's uniform index (the
+    default) drops ``index`` / ``block_size`` / ``index_position``, so such runs keep the names they had before
+    ``method.index`` existed."""
+    if method.get("index", "uniform") == "uniform":
+        return {k: v for k, v in method.items() if k not in ("index", "block_size", "index_position")}
+    return method
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

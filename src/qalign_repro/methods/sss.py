@@ -36,8 +36,9 @@ after a fully accepted round; per position that gives min(p, q) + (1 - Σ min(p,
 implementation keeps the paper's target and ingredients but uses the acceptance/residual pair that makes it
 exact, and records the acceptance rate so the speed side can still be compared.
 
-Backends: needs full next-token distributions of all models at several positions: HF (one forward pass per
-model and round; no KV cache across rounds - see the token accounting) and the toy generator. vLLM's public
+Backends: needs full next-token distributions of all models at several positions, asked for through the
+Generator protocol only (``next_token_logprob_rows``; the draft is built with ``like``): HF (one forward pass
+per model and round; no KV cache across rounds - see the token accounting) and the toy generator. vLLM's public
 API returns top-k log-probs (complete only with ``max_logprobs=-1``, V numbers per position) and its built-in
 speculative decoding has a fixed acceptance rule, so SSS does not run on it (docs/methods.md).
 
@@ -78,56 +79,21 @@ MODEL_ROLES = ("target", "draft", "draft_ref")
 def next_token_logprob_rows(gen: Any, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                             n_rows: Sequence[int], temperature: float = 1.0, batch_size: int = 64
                             ) -> list[np.ndarray]:
-    """Log-probabilities of the next token at the last ``n_rows[j]`` positions of ``prompts[j] + completions[j]``.
-
-    Row i of result j is the distribution after ``completions[j][:len - n_rows[j] + 1 + i]``: the rows that
-    decide the last ``n_rows[j] - 1`` tokens and the one after them. One forward pass per sequence for HF
-    models (no KV cache across calls); explicit tables for the toy model, which conditions on the completion.
-    """
-    if hasattr(gen, "next_probs"):
-        out = []
-        for y, n in zip(completions, n_rows):
-            rows = np.stack([gen.next_probs(list(y[:len(y) - n + 1 + i])) for i in range(n)])
-            out.append(_temper(np.log(rows), temperature))
-        return out
-    if hasattr(gen, "model") and hasattr(gen, "pad_id"):
-        seqs = [list(p) + list(y) for p, y in zip(prompts, completions)]
-        return _hf_rows(gen, seqs, n_rows, temperature, batch_size)
-    raise ConfigError(
-        f"generator backend {getattr(gen, 'name', type(gen).__name__)!r} cannot return full next-token "
-        "distributions, which SSS needs for its acceptance rule; allowed: backend=hf or backend=toy"
-    )
+    """Log-probabilities of the next token at the last ``n_rows[j]`` positions of ``prompts[j] + completions[j]``,
+    through the Generator protocol (``lm/base.py``: row i of result j is the distribution after
+    ``completions[j][:len - n_rows[j] + 1 + i]``); backends without full distributions refuse in one line."""
+    return _protocol(gen, "next_token_logprob_rows")(prompts, completions, n_rows, temperature, batch_size)
 
 
-def _temper(logp: np.ndarray, temperature: float) -> np.ndarray:
-    if temperature == 1.0:
-        return logp
-    z = logp / temperature
-    return z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+def _protocol(gen: Any, method: str) -> Any:
+    """A Generator-protocol method SSS needs; an object without it (a user's generator) is one ConfigError line."""
+    fn = getattr(gen, method, None)
+    if fn is None:
+        from qalign_repro.lm.base import unsupported
 
-
-def _hf_rows(gen: Any, seqs: list[list[int]], n_rows: Sequence[int], temperature: float,
-             batch_size: int) -> list[np.ndarray]:
-    import torch
-
-    out: list[np.ndarray] = []
-    with torch.inference_mode():
-        for s in range(0, len(seqs), batch_size):
-            chunk, rows = seqs[s:s + batch_size], n_rows[s:s + batch_size]
-            width = max(len(x) for x in chunk)
-            ids = torch.full((len(chunk), width), gen.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, x in enumerate(chunk):
-                ids[j, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                mask[j, width - len(x):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            keep = max(rows)
-            logits = gen.model(input_ids=ids.to(gen.device), attention_mask=mask.to(gen.device),
-                               position_ids=positions.to(gen.device), logits_to_keep=keep).logits
-            logp = torch.log_softmax(logits.float().cpu() / temperature, dim=-1).double().numpy()
-            for j, n in enumerate(rows):
-                out.append(logp[j, keep - n:])
-    return out
+        raise unsupported(getattr(gen, "name", type(gen).__name__),
+                          f"run SSS: it has no {method} (full next-token distributions / a second model)")
+    return fn
 
 
 def shifted_logprobs(target: np.ndarray, draft: np.ndarray, ref: np.ndarray | None, shift: float) -> np.ndarray:
@@ -343,16 +309,9 @@ class SSS(Method):
 
 
 def build_like(target: Any, spec: Any) -> Any:
-    """A second model with the target's backend class: ``spec`` is a model config mapping (``path``/``asset``
-    for HF; ``seed``/``scale`` for the toy, whose vocabulary and limits default to the target's)."""
+    """A second model on the target's backend (the protocol's ``like``): ``spec`` is a model config mapping
+    (``path``/``asset`` for HF; ``seed``/``scale`` for the toy, whose vocabulary and limits default to the
+    target's)."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"sss: a draft model spec must be a mapping (e.g. {{asset: tiny-draft}}), got {spec!r}")
-    spec = dict(spec)
-    if hasattr(target, "next_probs"):
-        spec = {"vocab": target.vocab, "max_len": target.max_len, "max_context": target.max_context, **spec}
-        return type(target)(spec)
-    if not (hasattr(target, "model") and hasattr(target, "pad_id")):
-        raise ConfigError(f"sss needs full next-token distributions; generator backend "
-                          f"{getattr(target, 'name', '?')!r} has none; allowed: backend=hf or backend=toy")
-    spec = {"name": "draft", "dtype": "float32", "trust_remote_code": False, **spec}
-    return type(target)(spec, {"device": getattr(target, "device", "auto")})
+    return _protocol(target, "like")(dict(spec))

@@ -26,6 +26,15 @@ from qalign_repro.methods.base import Chain, Proposal, RunContext
 ALLOWED = "ancestral, run:<run name> or file:<path.jsonl>"
 
 
+def without_default_init(method: dict[str, Any]) -> dict[str, Any]:
+    """The ``method`` config node as a run's identity (run name hash) sees it: an ancestral start (the default)
+    drops ``init`` / ``init_output`` (init_output only means something with init=run:), so such runs keep the
+    names they had before warm starts existed."""
+    if method.get("init", "ancestral") == "ancestral":
+        return {k: v for k, v in method.items() if k not in ("init", "init_output")}
+    return method
+
+
 def parse_init(value: Any, init_output: Any = 0) -> tuple[str, str, int]:
     """``(kind, target, init_output)`` of ``method.init``, or a one-line ConfigError."""
     if isinstance(init_output, bool) or not isinstance(init_output, int):

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.models.tiny import assets_dir
@@ -75,7 +75,7 @@ def model_fingerprints(cfg: Any) -> dict[str, str | None]:
 
     prints: dict[str, str | None] = {"model": None, "reward": None}
     for what in prints:
-        node = OmegaConf.to_container(cfg[what], resolve=True)
+        node = cast(dict[str, Any], OmegaConf.to_container(cfg[what], resolve=True))
         if node.get("path") is not None or node.get("asset"):
             prints[what] = weights_fingerprint(resolve_model_path(node, what))
     return prints
@@ -206,10 +206,6 @@ def load_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"{what}.path={path}: could not load it with {loader.__name__} ({type(exc).__name__}: "
                           f"{first[:200]}); allowed: a complete HF model folder or hub id") from None
-
-
-def count_parameters(model: Any) -> int:
-    return int(sum(t.numel() for t in model.parameters()))
 
 
 def torch_dtype(name: str):

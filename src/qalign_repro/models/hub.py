@@ -16,6 +16,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from typing import Any
 
 PROBE_TIMEOUT_S = 2.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -63,10 +64,10 @@ def go_offline() -> None:
     variables into module constants at import)."""
     for name in OFFLINE_VARIABLES:
         os.environ[name] = "1"
-    hub = sys.modules.get("huggingface_hub.constants")
+    hub: Any = sys.modules.get("huggingface_hub.constants")
     if hub is not None:
         hub.HF_HUB_OFFLINE = True
-    datasets_config = sys.modules.get("datasets.config")
+    datasets_config: Any = sys.modules.get("datasets.config")
     if datasets_config is not None:
         datasets_config.HF_HUB_OFFLINE = True
         datasets_config.HF_DATASETS_OFFLINE = True

@@ -6,7 +6,7 @@ The sum is computed in float64 in component order, so it equals Σ w_c·r_c exac
 
 ``build_reward`` is the one place a reward config becomes a reward object (run.build_backends, api.load_reward):
 ``kind: python`` -> rm/python.py, ``kind: mix`` -> this module, otherwise (``kind: model`` or no kind) the
-backend's reward class (``backend.reward``: hf, vllm, server, toy), so a mix runs with any backend and its model
+backend's reward class (``backend.reward``: hf, vllm, openai, toy), so a mix runs with any backend and its model
 components are built with that backend's class.
 
 FLOPs: the stored ``tokens_scored`` of a mix counts only what its model components read. With one model
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def component_config(spec: Any) -> dict[str, Any]:
         known = sorted(p.stem for p in (CONF_DIR / "reward").glob("*.yaml") if p.stem not in ("mix", "python"))
         raise ConfigError(f"reward.components: reward={spec!r} is not a reward config; allowed: an inline "
                           f"mapping or one of {', '.join(known)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.analysis.stats import identical_proposals
+from qalign_repro.backends import build_backends
 from qalign_repro.cli import entry_point
 from qalign_repro.config import positive_int
 from qalign_repro.errors import ConfigError
@@ -37,6 +39,9 @@ from qalign_repro.methods.qalign import QAlign
 from qalign_repro.models.folders import model_fingerprints
 from qalign_repro.store.run_names import config_hash
 from qalign_repro.tasks import get_task
+
+#: the method whose acceptance rate this stage tunes β for (plan prices the calibration with its cost model)
+CALIBRATED_METHOD = QAlign
 
 
 def calibration_path(cfg: DictConfig) -> Path:
@@ -314,28 +319,90 @@ def calibration_settings(cfg: DictConfig) -> dict[str, Any]:
 
 def load_or_calibrate(cfg: DictConfig, generator: Any, reward: Any,
                       prints: dict[str, str | None]) -> dict[str, Any]:
-    """The stored calibration for this experiment if it matches the models (names and ``prints``, the weight
-    fingerprints of ``models_io.model_fingerprints`` that the caller already has) and every ``calibrate``
-    setting (target, count, prompts, steps, tolerance, ...), else a matching one shipped in the reward model's
-    folder (``shipped_calibration``), else a fresh one."""
-    path = calibration_path(cfg)
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if _matches({"weights": prints, **stored}, cfg, prints):  # one from before fingerprints: adopted
-            return stored
-    shipped = shipped_calibration(cfg, prints)
-    if shipped is not None:
-        return shipped
+    """The calibration ``reusable_calibration`` finds for this config and these weights (``prints``, the
+    fingerprints of ``models.folders.model_fingerprints`` that the caller already has), else a fresh one, written
+    to the experiment's calibration file."""
+    found = reusable_calibration(cfg, prints)
+    if found is not None:
+        return found
     result = {**calibrate_beta(cfg, generator, reward), "weights": prints}
-    write_calibration(path, result)
+    write_calibration(calibration_path(cfg), result)
     return result
 
 
-def _matches(stored: dict[str, Any], cfg: DictConfig, prints: dict[str, str | None]) -> bool:
-    """Made for these model names, dataset, weight fingerprints and ``calibrate`` settings."""
-    return (stored.get("model"), stored.get("reward"), stored.get("dataset"), stored.get("weights"),
-            stored.get("settings")) == (str(cfg.model.name), str(cfg.reward.name), str(cfg.dataset.name), prints,
-                                        calibration_settings(cfg))
+def calibration_mismatch(stored: dict[str, Any], cfg: DictConfig, prints: dict[str, str | None]) -> list[str]:
+    """What a stored calibration was made for that differs from this config (empty: it may be reused). The one
+    reuse rule of every stage (``beta=auto`` runs, the recipes, shipped calibrations): the same policy, RM and
+    dataset names, the same weights behind them (fingerprints) and every ``calibrate`` setting (target, count,
+    prompts, steps, tolerance, split, ...); a β from other models or another measurement is not this config's β."""
+    wanted = {"model": str(cfg.model.name), "reward": str(cfg.reward.name), "dataset": str(cfg.dataset.name)}
+    out = [f"{key} {stored.get(key)} (this config: {value})" for key, value in wanted.items()
+           if stored.get(key) != value]
+    if stored.get("weights") != prints:
+        out.append(f"other weights (fingerprints {stored.get('weights')}, now {prints})")
+    settings, now = stored.get("settings"), calibration_settings(cfg)
+    if not isinstance(settings, dict):
+        out.append("unrecorded calibrate settings")
+    elif settings != now:
+        keys = sorted(k for k in {*settings, *now} if settings.get(k) != now.get(k))
+        out.append("other calibrate settings (" + ", ".join(f"{k}={settings.get(k)!r}, now {now.get(k)!r}"
+                                                             for k in keys) + ")")
+    return out
+
+
+def calibration_matches(stored: dict[str, Any], cfg: DictConfig, prints: dict[str, str | None]) -> bool:
+    """Whether ``stored`` may be reused for this config and weights (``calibration_mismatch`` is empty)."""
+    return not calibration_mismatch(stored, cfg, prints)
+
+
+def _read_stored(path: Path) -> dict[str, Any] | None:
+    """The calibration file at ``path``; None (with a warning) when it is unreadable or holds no β."""
+    try:
+        stored = json.loads(path.read_text())
+        float(stored["beta"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"warning: calibration file {path} is unreadable ({type(exc).__name__}: {exc}); ignoring it",
+              file=sys.stderr)
+        return None
+    return stored
+
+
+def _shipped_file(cfg: DictConfig) -> Path | None:
+    """The reward model's local folder's ``calibration.json`` if there is one (checked without validating the
+    folder, so a config whose folder is not there yet is not refused here)."""
+    node = OmegaConf.to_container(cfg.reward, resolve=True)
+    if node.get("path") is not None:
+        folder = Path(str(node["path"])).expanduser()
+    elif node.get("asset"):
+        from qalign_repro.models.tiny import assets_dir
+
+        folder = Path(assets_dir(str(node["asset"])))
+    else:
+        return None
+    file = folder / SHIPPED_FILE
+    return file if file.is_file() else None
+
+
+def reusable_calibration(cfg: DictConfig, prints: dict[str, str | None] | None = None,
+                         on_mismatch: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """A stored calibration this config may use (``calibration_mismatch``): the experiment's calibration file
+    (``calibration_path``), else one shipped in the reward model's folder (``shipped_calibration``); None when
+    neither matches. ``prints`` None: the weights are fingerprinted here, and only when there is a candidate (a
+    recipe's dry run fingerprints nothing). ``on_mismatch`` receives one sentence per refused file."""
+    path = calibration_path(cfg)
+    stored = _read_stored(path) if path.is_file() else None
+    if stored is None and _shipped_file(cfg) is None:
+        return None
+    if prints is None:
+        prints = model_fingerprints(cfg)
+    if stored is not None:
+        # a file written before fingerprints were stored: taken as made with the current weights
+        why = calibration_mismatch({"weights": prints, **stored}, cfg, prints)
+        if not why:
+            return stored
+        if on_mismatch is not None:
+            on_mismatch(f"{path} was calibrated for {'; '.join(why)}")
+    return shipped_calibration(cfg, prints)
 
 
 #: the file in a reward model's folder that holds calibrations shipped with it (``scripts/ship_calibration.py``)
@@ -344,9 +411,9 @@ SHIPPED_FILE = "calibration.json"
 
 def shipped_calibration(cfg: DictConfig, prints: dict[str, str | None]) -> dict[str, Any] | None:
     """A calibration shipped in the reward model's folder (``calibration.json``: ``{"calibrations": [...]}``)
-    that matches this config and these weights, marked with ``shipped: <file>``; None otherwise. Why: the
-    demo should not spend 1.5 min calibrating the shipped models on every run, and a stored fingerprint makes
-    retrained or swapped weights fall back to a fresh calibration instead of a stale β."""
+    that matches this config and these weights (``calibration_matches``), marked with ``shipped: <file>``; None
+    otherwise. Why: the demo should not spend 1.5 min calibrating the shipped models on every run, and a stored
+    fingerprint makes retrained or swapped weights fall back to a fresh calibration instead of a stale β."""
     node = OmegaConf.to_container(cfg.reward, resolve=True)
     if (node.get("path") is None and not node.get("asset")) or not all(prints.values()):
         return None
@@ -356,7 +423,7 @@ def shipped_calibration(cfg: DictConfig, prints: dict[str, str | None]) -> dict[
     if not file.is_file():
         return None
     for entry in json.loads(file.read_text()).get("calibrations", []):
-        if _matches(entry, cfg, prints):
+        if calibration_matches(entry, cfg, prints):
             return {**entry, "shipped": str(file)}
     return None
 
@@ -371,8 +438,6 @@ def write_calibration(path: Path, result: dict[str, Any]) -> None:
 @entry_point
 def main(cfg: DictConfig) -> None:
     """Pick β for ``calibrate.target_acceptance`` and write it to results/calibration/<experiment>.json."""
-    from qalign_repro.stages.run import build_backends
-
     generator, reward = build_backends(cfg)
     path = calibration_path(cfg)
     result = {**calibrate_beta(cfg, generator, reward), "weights": model_fingerprints(cfg)}

@@ -18,9 +18,10 @@ Where the numbers come from (each row says which):
     ancestral sample:   generated L, prefilled P, cached P (after the first sample), RM R
     QAlign step k > 0:  generated S, prefilled P + C, cached = prefilled, RM R - L + C + S
   where P = prompt tokens, R = RM tokens of (prompt, completion), C = E[i] the mean cut position and S the mean
-  regenerated suffix (``suffix_model``). For a completion of exactly L tokens S = (L+1)/2: the paper's "≈ L/2
-  new tokens per step" (Appendix D); with measured lengths S comes from their distribution (a model that stops
-  at random regenerates more than half after a cut).
+  regenerated suffix (``methods/qalign.py:suffix_model``). For a completion of exactly L tokens S = (L+1)/2:
+  the paper's "≈ L/2 new tokens per step" (Appendix D); with measured lengths S comes from their distribution
+  (a model that stops at random regenerates more than half after a cut). Each method declares its own model
+  (``Method.expected_tokens``, ``request_lengths``); the plan names no method.
 * calibration: an upper bound from ``calibrate.*`` (all iterations used).
 
 Options (``plan.*``; each may be given on the command line even when the experiment has no ``plan`` section):
@@ -41,6 +42,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.errors import ConfigError, DataError
+from qalign_repro.stages.overrides import recipe_stages, split_overrides
 
 PLAN_DEFAULTS: dict[str, Any] = {
     "measure": "runs",              # runs | pilot | none
@@ -60,7 +62,6 @@ KNOWN_SIZES = {"gsm8k": 1319, "math500": 500, "ifeval": 541, "mmlu_redux": 5330,
                "gsm_symbolic": 5000, "gsm_symbolic_p1": 5000, "gsm_symbolic_p2": 2500}
 CHARS_PER_TOKEN = 4.0
 TEMPLATE_TOKENS = 32
-_OWN_PREFIXES = ("plan.", "+plan.")
 
 
 # -- expected token counts (pure) ------------------------------------------------------------------------------
@@ -80,59 +81,42 @@ class Lengths:
     estimates: tuple[tuple[str, str], ...] = ()
 
 
-def suffix_model(lengths: Lengths) -> tuple[float, float]:
-    """Expected (cut position i, regenerated suffix length) of one QAlign proposal.
-
-    The state y is cut at i ~ U{0..|y|-1} and the model continues from y[:i]; the continuation's length is that
-    of a fresh completion that has already reached i tokens: E[L' - i | L' > i]. With measured lengths this is
-    computed from their empirical distribution (states assumed distributed like independent samples); with a
-    single length L it is exactly L - i, which averages to (L+1)/2, the paper's "≈ L/2 per step" (App. D)."""
-    if not lengths.length_samples:
-        length = lengths.completion_tokens
-        return (length - 1) / 2, (length + 1) / 2
-    samples = sorted(int(x) for x in lengths.length_samples)
-    k, idx, running = len(samples), 0, sum(samples)
-    prefix = [0.0]  # prefix[j] = sum over i < j of E[L' - i | L' > i]
-    for i in range(samples[-1]):
-        while idx < k and samples[idx] <= i:  # drop the samples that are not longer than i
-            running -= samples[idx]
-            idx += 1
-        prefix.append(prefix[-1] + (running / (k - idx) - i))
-    cut = sum((y - 1) / 2 for y in samples) / len(samples)
-    suffix = sum(prefix[y] / y for y in samples if y > 0) / len(samples)
-    return cut, suffix
-
-
 def expected_tokens(method: str, steps: int, lengths: Lengths) -> dict[str, float]:
-    """Total tokens of a run of ``steps`` outputs per prompt, mirroring what the run stage stores."""
-    n, p, length, r = lengths.n_prompts, lengths.prompt_tokens, lengths.completion_tokens, lengths.rm_tokens
-    if method == "qalign":
-        later = steps - 1
-        cut, suffix = suffix_model(lengths)
-        gen = n * (length + later * suffix)
-        prefill = n * (p + later * (p + cut))
-        cached = n * later * (p + cut)
-        # a proposal is scored in full: the RM's share of the prompt/template plus i + suffix tokens
-        scored = n * (r + later * (r - length + cut + suffix))
-    elif method in ("ancestral",):
-        gen = n * steps * length
-        prefill = n * steps * p
-        cached = n * (steps - 1) * p
-        scored = n * steps * r
-    else:
-        raise ConfigError(f"the plan has no cost model for method={method}; allowed: qalign, ancestral")
-    return {"tokens_generated": gen, "tokens_prefilled": prefill, "tokens_cached": cached, "tokens_scored": scored}
+    """Total tokens of a run of ``steps`` outputs per prompt: the method's own cost model
+    (``Method.expected_tokens``, which mirrors what its run stores), or a one-line ConfigError without one."""
+    from qalign_repro.methods import METHODS, Method
+    from qalign_repro.registry import UnknownNameError
+
+    try:
+        tokens = METHODS.get(method).expected_tokens(steps, lengths)
+    except UnknownNameError:
+        tokens = None
+    if tokens is None:
+        base = Method.expected_tokens.__func__  # type: ignore[attr-defined]
+        priced = [m for m in METHODS.names() if METHODS.get(m).expected_tokens.__func__ is not base]
+        raise ConfigError(f"the plan has no cost model for method={method}; allowed: {', '.join(priced)}")
+    return tokens
 
 
-def calibration_tokens(cal: Mapping[str, Any], lengths: Lengths) -> tuple[dict[str, float], int]:
+def calibration_tokens(cal: Mapping[str, Any], lengths: Lengths, method: str | None = None
+                       ) -> tuple[dict[str, float], int]:
     """Upper bound of the calibration stage (calibrate.py): one ancestral step and ``pair_draws`` proposals,
-    then at most ``iterations`` fresh chains of ``steps`` states. Returns the tokens and the number of
-    generate steps (each one batched generate call and one RM call per batch of prompts)."""
-    pair = expected_tokens("qalign", 1 + int(cal.get("pair_draws", 4)), lengths)
-    chains = expected_tokens("qalign", int(cal.get("steps", 8)), lengths)
+    then at most ``iterations`` fresh chains of ``steps`` states, all of ``method`` (default: the method whose
+    β calibrate.py tunes, its ``CALIBRATED_METHOD``). Returns the tokens and the number of generate steps
+    (each one batched generate call and one RM call per batch of prompts)."""
+    method = method or calibrated_method()
+    pair = expected_tokens(method, 1 + int(cal.get("pair_draws", 4)), lengths)
+    chains = expected_tokens(method, int(cal.get("steps", 8)), lengths)
     iters = int(cal.get("iterations", 8))
     total = {k: pair[k] + iters * chains[k] for k in pair}
     return total, 1 + int(cal.get("pair_draws", 4)) + iters * int(cal.get("steps", 8))
+
+
+def calibrated_method() -> str:
+    """The registered name of the method calibrate.py runs (its chains are what the calibration stage costs)."""
+    from qalign_repro.stages.calibrate import CALIBRATED_METHOD
+
+    return CALIBRATED_METHOD.name
 
 
 # -- measuring lengths -------------------------------------------------------------------------------------------
@@ -175,7 +159,7 @@ def _fetch_tokenizer(path: str, trust: bool) -> tuple[Any | None, str]:
 
 
 def _chat_len(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> int:
-    from qalign_repro.lm.hf import render_chat
+    from qalign_repro.models.hf_format import render_chat
 
     return len(tok.encode(render_chat(tok, messages, generation_prompt), add_special_tokens=False))
 
@@ -211,7 +195,8 @@ def _completion_estimate(plan: Mapping[str, Any], dataset: str) -> float:
 def measured_from_runs(root: str | Path, model: str, dataset: str, limit: int = 4000
                        ) -> tuple[list[int], float] | None:
     """Completion lengths and the mean RM tokens of independent samples stored by runs of ``model`` on
-    ``dataset`` (every output of an ancestral run, the first output of any other run), or None."""
+    ``dataset`` (every output of a run whose method declares ``model_samples``, e.g. ancestral sampling; the
+    first output of any other run), or None."""
     from qalign_repro.store.storage import RunStore, list_runs
 
     lens, scored = [], []
@@ -221,7 +206,7 @@ def measured_from_runs(root: str | Path, model: str, dataset: str, limit: int = 
             meta = store.meta
             if meta.get("dataset") != dataset or (meta.get("model") or {}).get("name") != model:
                 continue
-            independent = meta.get("method") == "ancestral"
+            independent = _model_samples(meta.get("method"))
             for inst in store.iter_instances():
                 for out in inst["outputs"] if independent else inst["outputs"][:1]:
                     lens.append(len(out["completion_ids"]))
@@ -235,6 +220,17 @@ def measured_from_runs(root: str | Path, model: str, dataset: str, limit: int = 
     if not lens:
         return None
     return lens, sum(scored) / len(scored)
+
+
+def _model_samples(method: Any) -> bool:
+    """Whether every output of a run of ``method`` is an independent sample of the model (its declaration)."""
+    from qalign_repro.methods import METHODS
+    from qalign_repro.registry import UnknownNameError
+
+    try:
+        return bool(METHODS.get(str(method)).model_samples)
+    except UnknownNameError:  # a run of a method this install does not have: its first output, like any other
+        return False
 
 
 def _pilot(cfg: DictConfig, plan: Mapping[str, Any], prompts: list[list[int]], messages: list[list[dict]],
@@ -263,7 +259,7 @@ def _pilot(cfg: DictConfig, plan: Mapping[str, Any], prompts: list[list[int]], m
     lens = [len(c.token_ids) for c in comps]
     rm = None
     if rm_tok is not None:
-        from qalign_repro.rm.hf import conversation
+        from qalign_repro.models.hf_format import conversation
 
         convs = [conversation(messages[j], c.text) for j, c in zip([j for j in range(k_prompts) for _ in range(reps)], comps)]
         rm = sum(_chat_len(rm_tok, m, False) for m in convs) / len(convs)
@@ -348,7 +344,7 @@ def measure_lengths(cfg: DictConfig, plan: Mapping[str, Any], n_override: int | 
 
 
 def _render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    from qalign_repro.lm.hf import render_chat
+    from qalign_repro.models.hf_format import render_chat
 
     return render_chat(tok, messages, generation_prompt)
 
@@ -357,31 +353,7 @@ def _conv(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
     return [*messages, {"role": "assistant", "content": text}]
 
 
-# -- stages ------------------------------------------------------------------------------------------------------
-@dataclass
-class StagePlan:
-    stage: str                 # calibrate | run
-    label: str
-    overrides: list[str]       # the overrides that compose this stage's config (also the recipe's command)
-
-
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(config overrides, plan.* overrides): plan options work whether or not the config has a plan section."""
-    own = [o for o in overrides if o.startswith(_OWN_PREFIXES)]
-    return [o for o in overrides if o not in own], own
-
-
-def merge_overrides(*groups: Sequence[str]) -> list[str]:
-    """Concatenate override lists; a later value for the same key replaces the earlier one."""
-    out: dict[str, str] = {}
-    for group in groups:
-        for o in group:
-            key = o.split("=", 1)[0].lstrip("+~")
-            out.pop(key, None)
-            out[key] = o
-    return list(out.values())
-
-
+# -- stages (their override lists come from stages/overrides.py, shared with the recipe) ---------------------------
 def plan_options(cfg: DictConfig, own: Sequence[str]) -> dict[str, Any]:
     """``plan.*`` from the code defaults, the config's ``plan`` section and the command line, validated."""
     opts = OmegaConf.to_container(OmegaConf.merge(
@@ -403,45 +375,11 @@ def plan_options(cfg: DictConfig, own: Sequence[str]) -> dict[str, Any]:
     return opts
 
 
-def recipe_stages(cfg: DictConfig, base: Sequence[str]) -> list[StagePlan]:
-    """The recipe's stages in order: calibration (if enabled), then every job over every dataset."""
-    recipe = cfg.get("recipe")
-    if recipe is None:
-        return [StagePlan("run", f"{cfg.method.name} {cfg.model.name}", list(base))]
-    stages = []
-    if recipe.get("calibrate") and recipe.calibrate.get("enabled", True):
-        stages.append(StagePlan("calibrate", "calibrate beta",
-                                merge_overrides(base, list(recipe.calibrate.get("overrides") or []))))
-    ds_over = OmegaConf.to_container(recipe.get("dataset_overrides") or {}, resolve=True)
-    for job in recipe.jobs:
-        for ds in recipe.datasets:
-            stages.append(StagePlan("run", str(job.get("label", "")),
-                                    merge_overrides([f"dataset={ds}"], ds_over.get(str(ds), []),
-                                                    list(job.get("overrides") or []), base)))
-    return stages
-
-
 def expected_max(samples: Sequence[float], batch: int) -> float:
     """E[max of ``batch`` draws with replacement] from an empirical distribution (closed form over its CDF)."""
     xs = sorted(float(x) for x in samples)
     k = len(xs)
     return sum(x * ((j / k) ** batch - ((j - 1) / k) ** batch) for j, x in enumerate(xs, start=1))
-
-
-def suffix_samples(lengths: Lengths, n: int = 4000) -> list[float]:
-    """Lengths of regenerated QAlign suffixes drawn from the measured completion lengths (a seeded Monte Carlo of
-    ``suffix_model``'s assumptions: state and continuation distributed like independent samples)."""
-    import numpy as np
-
-    xs = np.asarray(sorted(int(x) for x in lengths.length_samples if int(x) > 0))
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        y = int(xs[rng.integers(len(xs))])
-        i = int(rng.integers(y))
-        longer = xs[xs > i]
-        out.append(float(longer[rng.integers(len(longer))] - i))
-    return out
 
 
 def occupancy(method: str, schedule: str, lengths: Lengths, batch: int, max_new: int, continuous: bool,
@@ -452,11 +390,14 @@ def occupancy(method: str, schedule: str, lengths: Lengths, batch: int, max_new:
     sequences lasts as long as its longest, so the engine does mean/E[max] of the work it could: computed from the
     measured length distribution (QAlign: the regenerated suffixes), else L / max_new_tokens (some sequence of a
     large batch runs to the limit). Async on an engine that batches continuously (vLLM, servers): every live chain
-    keeps a request in the engine, ``plan.async_occupancy`` (measured by ``make bench-cost``)."""
+    keeps a request in the engine, ``plan.async_occupancy`` (measured by ``make bench-cost``). What one request
+    makes is the method's ``request_lengths`` (QAlign: a regenerated suffix; else a whole completion)."""
     if schedule == "async" and continuous:
         return float(opts["async_occupancy"]), "async, continuous batching (plan.async_occupancy)"
     if lengths.length_samples:
-        draws = suffix_samples(lengths) if method == "qalign" else [float(x) for x in lengths.length_samples]
+        from qalign_repro.methods import METHODS
+
+        draws = METHODS.get(method).request_lengths(lengths)
         mean = sum(draws) / len(draws)
         return min(1.0, mean / max(expected_max(draws, batch), 1e-9)), f"lock-step, mean/E[max] of {batch}"
     return min(1.0, lengths.completion_tokens / max(max_new, 1)), "lock-step, L / max_new_tokens"
@@ -517,8 +458,8 @@ def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str
             if cal.get("split"):  # calibrate.py reads this split of the configured dataset
                 OmegaConf.update(scfg, "dataset.split", str(cal["split"]))
             lengths = measure_lengths(scfg, opts, n_override=int(cal.get("prompts", 16)))
-            tokens, steps = calibration_tokens(cal, lengths)
-            method = "qalign"
+            method = calibrated_method()
+            tokens, steps = calibration_tokens(cal, lengths, method)
         else:
             lengths = measure_lengths(scfg, opts)
             method = str(scfg.method.name)

@@ -9,7 +9,7 @@ filtered by ``runs`` when it is a list of globs) and writes
                                                                  (when >= 2 QAlign series differ only in β)
     tables/<experiment>/table1.{md,tex}                          methods x datasets at the largest common n
 A series is one selection rule of one run configuration: its label is the paper's method name plus the config
-values that differ between the runs of that method (``predict.assign_variants``), e.g. "QAlign β=0.005", and it
+values that differ between the runs of that method (``series.assign_variants``), e.g. "QAlign β=0.005", and it
 keeps its colour, marker and linestyle in every figure. What all series share (model, RM, β, prompts) goes in
 the titles. Style: the packaged ``plot_style.mplstyle`` or ``plot.style``; the Agg backend, no display needed.
 """
@@ -34,12 +34,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from qalign_repro.analysis import selection as sel  # noqa: E402
 from qalign_repro.analysis.paper import comparison_markdown  # noqa: E402
 from qalign_repro.errors import ConfigError, DataError  # noqa: E402
 
 STYLE_PATH = Path(__file__).resolve().parent / "plot_style.mplstyle"
 METRICS = ("accuracy", "error")
-#: paper order of the families, and their colours (Okabe-Ito, colour-blind safe)
+#: rules that read a chain (a β sweep's rows) and rules whose result depends on β (``selection.Rule``)
+CHAIN_RULES = sel.rules_where(follows_chain=True)
+BETA_RULES = sel.rules_where(uses_beta=True)
+#: paper order of the families (``selection.Rule.family``), and their colours (Okabe-Ito, colour-blind safe)
 FAMILY_ORDER = ("QAlign", "MV", "WMV", "BoN")
 FAMILY_COLORS = {"QAlign": "#D55E00", "MV": "#009E73", "WMV": "#E69F00", "BoN": "#0072B2"}
 EXTRA_COLORS = ("#CC79A7", "#56B4E9", "#000000", "#999933", "#882255", "#44AA99", "#F0E442")
@@ -188,7 +192,7 @@ def describe(df: pd.DataFrame) -> str:
     if len(rms) == 1:
         parts.append(f"RM {rms[0]}")
     if "beta" in df:
-        uses_beta = df["rule"].isin(["qalign", "wmv", "wmbr"]) if "rule" in df else df["family"] != "MV"
+        uses_beta = df["rule"].isin(BETA_RULES) if "rule" in df else df["family"] != "MV"
         betas = sorted(set(df.loc[uses_beta, "beta"].dropna()))
         if len(betas) == 1:
             parts.append(f"β={betas[0]:g}")
@@ -496,7 +500,7 @@ def beta_sweeps(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     names each group by its other distinguishing values."""
     if "beta" not in df or "variant" not in df:
         return {}
-    q = df[(df["rule"] == "qalign") & (df["order"] == "first") & df["beta"].notna()].copy()
+    q = df[df["rule"].isin(CHAIN_RULES) & (df["order"] == "first") & df["beta"].notna()].copy()
     q["sweep"] = [_without_beta(v) for v in q["variant"].fillna("")]
     keys = q["sweep_key"] if "sweep_key" in q and q["sweep_key"].notna().all() else q["sweep"]
     q["sweep_group"] = keys.astype(str).tolist()
@@ -523,12 +527,13 @@ def figure_beta_sweep(df: pd.DataFrame, sweep: pd.DataFrame, styles: Mapping[str
     ax_m, ax_a = fig.subplots(1, 2)
     n_star = _sweep_budget(sweep)
     groups = [(str(g["sweep"].iloc[0]), g) for _, g in sweep.groupby("sweep_group", sort=True)]
-    colors = iter([FAMILY_COLORS["QAlign"], *EXTRA_COLORS])
+    fam = str(sweep["family"].iloc[0])  # the chain rule's family names the sweep ("QAlign")
+    colors = iter([FAMILY_COLORS.get(fam, EXTRA_COLORS[0]), *EXTRA_COLORS])
     ys: list[float] = []
     for name, g in groups:
         color = next(colors)
         at = g[g["n"] == n_star].sort_values("beta")
-        label = f"QAlign {name}".strip() if name or len(groups) > 1 else "QAlign"
+        label = f"{fam} {name}".strip() if name or len(groups) > 1 else fam
         yerr = np.vstack([(at["y"] - at["y_low"]).clip(lower=0), (at["y_high"] - at["y"]).clip(lower=0)])
         ax_m.errorbar(at["beta"], at["y"], yerr=yerr, color=color, marker="o", label=label, clip_on=False,
                       **ERRORBAR)
@@ -542,7 +547,7 @@ def figure_beta_sweep(df: pd.DataFrame, sweep: pd.DataFrame, styles: Mapping[str
         if per_run["acceptance_changed"].notna().any():
             ax_a.plot(per_run["beta"], per_run["acceptance_changed"], color=color, marker="s", linestyle="--",
                       markerfacecolor="white", label=f"{label}: proposals ≠ current state", clip_on=False)
-    others = df[(df["dataset"] == dataset) & (df["rule"] != "qalign") & (df["n"] == n_star)
+    others = df[(df["dataset"] == dataset) & ~df["rule"].isin(CHAIN_RULES) & (df["n"] == n_star)
                 & (df["order"] == "first")]
     for s in [s for s in styles if s in set(others["series"])]:
         r = others[others["series"] == s].iloc[0]
@@ -551,7 +556,7 @@ def figure_beta_sweep(df: pd.DataFrame, sweep: pd.DataFrame, styles: Mapping[str
         ys.append(float(r["y"]))
     for ax in (ax_m, ax_a):
         ax.set_xscale("log")
-        ax.set_xlabel("β (QAlign target temperature)")
+        ax.set_xlabel(f"β ({fam} target temperature)")
         ax.xaxis.set_minor_formatter(mticker.NullFormatter())
         ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _p: f"{x:g}"))
     ax_m.set_ylabel(f"{metric_label(metric)} at n = {n_star}")
@@ -565,7 +570,7 @@ def figure_beta_sweep(df: pd.DataFrame, sweep: pd.DataFrame, styles: Mapping[str
     if ax_a.get_legend_handles_labels()[0]:
         ax_a.legend(loc="lower right", fontsize=6, title=note, title_fontsize=6)
     info = describe(df[df["dataset"] == dataset].assign(beta=np.nan))
-    fig.suptitle(f"{dataset}: QAlign β sweep" + (f" ({info})" if info else ""), fontsize=9)
+    fig.suptitle(f"{dataset}: {fam} β sweep" + (f" ({info})" if info else ""), fontsize=9)
     return fig
 
 

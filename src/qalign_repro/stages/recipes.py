@@ -3,7 +3,9 @@
 Behind ``make reproduce-general`` / ``make reproduce-task``. Stages, in order:
     1. calibrate  ``python -m qalign_repro.calibrate`` picks beta for ~50 % acceptance on the calibration
                   prompts (``recipe.calibrate.overrides``) and writes <output_root>/calibration/<experiment>.json;
-                  skipped when that file exists for the same policy and RM, or when beta=<number> is given.
+                  skipped when that file (or one shipped with the RM) passes the reuse rule of every stage
+                  (``calibrate.reusable_calibration``: same policy, RM, dataset, weights and calibrate settings),
+                  or when beta=<number> is given.
                   Without a usable file the config's beta is used, with a warning.
     2. run        every ``recipe.jobs`` entry (ancestral SFT, ancestral DPO, QAlign ...) over every
                   ``recipe.datasets`` entry, with the calibrated beta; ``recipe.shards`` > 1 turns each into a
@@ -20,22 +22,20 @@ idempotent, so rerunning the command after a failure or a kill continues where i
 from __future__ import annotations
 
 import importlib.util
-import json
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.errors import ConfigError, DataError
-from qalign_repro.stages.plan import merge_overrides, recipe_stages, split_overrides
+from qalign_repro.stages.overrides import merge_overrides, recipe_stages, split_overrides, stage_overrides
 
 STAGES = ("calibrate", "run", "evaluate", "predict", "plot")
-#: recipe-level keys: read here, never forwarded to the stages
-_RECIPE_PREFIXES = ("recipe.", "+recipe.", "plan.", "+plan.")
 
 
 @dataclass
@@ -48,11 +48,6 @@ class Step:
 
     def command(self) -> str:
         return shlex.join(["python", *self.argv[1:]])
-
-
-def stage_overrides(user: Sequence[str]) -> list[str]:
-    """The user's overrides that every stage receives (recipe.* and plan.* stay with the recipe)."""
-    return [o for o in user if not o.startswith(_RECIPE_PREFIXES)]
 
 
 def _explicit_beta(user: Sequence[str]) -> float | None:
@@ -72,22 +67,24 @@ def calibration_file(cfg: DictConfig) -> Path:
     return calibration_path(cfg)
 
 
-def read_calibration(cfg: DictConfig) -> float | None:
-    """The calibrated beta for this experiment's policy and RM, or None (absent, other models, unreadable)."""
-    path = calibration_file(cfg)
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-        beta = float(stored["beta"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"warning: calibration file {path} is unreadable ({exc}); ignoring it", file=sys.stderr)
-        return None
-    if (stored.get("model"), stored.get("reward")) not in ((None, None), (str(cfg.model.name), str(cfg.reward.name))):
-        print(f"warning: {path} was calibrated for {stored.get('model')} + {stored.get('reward')}, this recipe "
-              f"uses {cfg.model.name} + {cfg.reward.name}; calibrating again", file=sys.stderr)
-        return None
-    return beta
+def calibration_config(cfg: DictConfig, user: Sequence[str]) -> DictConfig:
+    """The config the calibrate stage composes (the user's overrides, then ``recipe.calibrate.overrides``): a
+    stored calibration is judged against it, not against the runs' config (their datasets differ)."""
+    from qalign_repro.cli import compose_config
+
+    return compose_config(calibrate_overrides(cfg, user))
+
+
+def read_calibration(cfg: DictConfig, user: Sequence[str]) -> dict[str, Any] | None:
+    """The stored calibration this recipe may use, by the one reuse rule of ``calibrate.reusable_calibration``
+    (same policy, RM and dataset, same weights, same ``calibrate`` settings): the experiment's calibration file,
+    else one shipped with the RM; None (with a warning for a refused file) when there is none."""
+    from qalign_repro.stages.calibrate import reusable_calibration
+
+    def refused(why: str) -> None:
+        print(f"warning: {why}; not reused", file=sys.stderr)
+
+    return reusable_calibration(calibration_config(cfg, user), on_mismatch=refused)
 
 
 def pick_backend(cfg: DictConfig, user: Sequence[str]) -> str | None:
@@ -181,12 +178,16 @@ def _run(step: Step) -> None:
         )
 
 
-def calibrate_step(cfg: DictConfig, user: Sequence[str]) -> Step:
-    """Stage 1's command: ``recipe.calibrate.overrides`` on top of the user's, on the recipe's backend."""
+def calibrate_overrides(cfg: DictConfig, user: Sequence[str]) -> list[str]:
+    """Stage 1's overrides: ``recipe.calibrate.overrides`` on top of the user's (the backend aside)."""
     cal = (cfg.get("recipe") or {}).get("calibrate") or {}
+    return merge_overrides(stage_overrides(user), list(cal.get("overrides") or []))
+
+
+def calibrate_step(cfg: DictConfig, user: Sequence[str]) -> Step:
+    """Stage 1's command: ``calibrate_overrides``, on the recipe's backend."""
     backend = pick_backend(cfg, user)
-    overrides = merge_overrides(stage_overrides(user), list(cal.get("overrides") or []),
-                                [f"backend={backend}"] if backend else [])
+    overrides = merge_overrides(calibrate_overrides(cfg, user), [f"backend={backend}"] if backend else [])
     return Step("calibrate", "beta for the target acceptance", [*_module("calibrate"), *overrides],
                 optional_module=True)
 
@@ -232,15 +233,16 @@ def calibrate(cfg: DictConfig, user: Sequence[str], execute: bool, dry: bool = F
         return explicit
     recipe = cfg.get("recipe") or {}
     cal = recipe.get("calibrate") or {}
-    found = read_calibration(cfg)
+    found = read_calibration(cfg, user)
     if found is not None:
-        print(f"[recipe] calibrate: using beta={found:.6g} from {calibration_file(cfg)}")
-        return found
+        beta = float(found["beta"])
+        print(f"[recipe] calibrate: using beta={beta:.6g} from {found.get('shipped') or calibration_file(cfg)}")
+        return beta
     if cal.get("enabled", True) and execute:
         _run(calibrate_step(cfg, user))
-        found = read_calibration(cfg)
+        found = read_calibration(cfg, user)
         if found is not None:
-            return found
+            return float(found["beta"])
     if dry and cal.get("enabled", True):
         print(f"[recipe] calibrate: not calibrated yet; the calibrate stage (the first command below) writes β to "
               f"{calibration_file(cfg)} and every later command reads it into $BETA")

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qalign_repro.backends import build_backends
 from qalign_repro.cli import entry_point
 from qalign_repro.errors import ConfigError, StorageError
 from qalign_repro.methods import METHODS
@@ -24,23 +25,6 @@ from qalign_repro.store.provenance import environment_info
 from qalign_repro.store.run_names import config_hash, group_name, run_name
 from qalign_repro.store.storage import RunStore, SQLiteStorage
 from qalign_repro.tasks import get_task
-
-
-def build_backends(cfg: DictConfig) -> tuple[Any, Any]:
-    from qalign_repro.lm import GENERATORS
-    from qalign_repro.rm import REWARDS
-
-    gen_cls = GENERATORS.get(str(cfg.backend.generator))
-    rm_cls = REWARDS.get(str(cfg.backend.reward))
-    backend = OmegaConf.to_container(cfg.backend, resolve=True)
-    generator = gen_cls(OmegaConf.to_container(cfg.model, resolve=True), backend)
-    from qalign_repro.rm.mix import build_reward, thread_backends
-
-    reward = build_reward(OmegaConf.to_container(cfg.reward, resolve=True), backend, rm_cls)  # kind: python|mix first
-    from qalign_repro.models.threads import tune_cpu_threads
-
-    tune_cpu_threads(generator, *thread_backends(reward))  # tiny CPU models: one torch thread (see threads.py)
-    return generator, reward
 
 
 def initial_meta(cfg: DictConfig, name: str, task: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from qalign_repro.analysis import selection as sel
 from qalign_repro.cli import entry_point
 from qalign_repro.errors import DataError
 
@@ -71,7 +72,7 @@ def summarize(table: pd.DataFrame, fig_dir: Path, ci: float = 0.95) -> list[str]
         where = str(fig) if fig is not None else f"{fig_dir}/ (no figure yet: run plot)"
         labels = list(dict.fromkeys(d.sort_values(["family", "label"])["label"]))
         models = ", ".join(sorted({f"{m} LM + {r} RM" for m, r in zip(d["model"], d["reward_model"])}))
-        acc = _acceptance(d[d["rule"] == "qalign"]) if "rule" in d else ""
+        acc = _acceptance(d[d["rule"].isin(sel.rules_where(follows_chain=True))]) if "rule" in d else ""
         lines.append(f"{where}: accuracy vs FLOPs per prompt on {int(d['n_prompts'].max())} {dataset} prompts "
                      f"({models}) for {', '.join(labels)}, n = 1…{int(d['n'].max())}, {ci:.0%} bootstrap CIs "
                      "over prompts" + (f"; {acc}." if acc else "."))
@@ -81,6 +82,26 @@ def summarize(table: pd.DataFrame, fig_dir: Path, ci: float = 0.95) -> list[str]
         trends = "; ".join(_trend(g, str(label)) for label, g in d.groupby("label", sort=False)
                            if g["n"].nunique() > 1)
         lines.append(f"At n={n_max}: {ranked}" + (f". With more samples: {trends}." if trends else "."))
+    return lines
+
+
+def console_lines(table: pd.DataFrame) -> list[str]:
+    """What ``predict`` prints when it has written the table: one line per series (a sweep's runs apart) at its
+    largest budget, under a line per dataset naming the models and prompts."""
+    last = table.sort_values("n", kind="stable").groupby(["dataset", "label", "order"], sort=True).tail(1)
+    names = [lbl if o == "first" else f"{lbl}, {o} orders" for lbl, o in zip(last["label"], last["order"])]
+    last = last.assign(shown=names)
+    width = max(len(x) for x in names)
+    lines = []
+    for ds, g in last.groupby("dataset", sort=True):
+        models = ", ".join(sorted(set(g["model"].astype(str))))
+        rms = ", ".join(sorted(set(g["reward_model"].astype(str))))
+        prompts = ", ".join(str(int(x)) for x in sorted(set(g["n_prompts"])))
+        lines.append(f"  {ds}: model {models}, RM {rms}, {prompts} prompts")
+        for _, r in g.sort_values("shown").iterrows():
+            acc = "" if pd.isna(r.get("acceptance", math.nan)) else f"  acceptance={r['acceptance']:.3f}"
+            lines.append(f"    {r['shown']:<{width}}  n={int(r['n']):<5} acc={r['accuracy']:.3f} "
+                         f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  FLOPs={r['flops']:.3g}{acc}")
     return lines
 
 

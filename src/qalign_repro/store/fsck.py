@@ -12,10 +12,11 @@ active), and verifies:
 * steps: every instance's outputs are numbered 0..k-1 without gaps, and all instances hold the same number
   (commits are whole steps);
 * every output: the stored schema, finite rewards, non-negative integer token counts, completion and
-  proposal length <= ``max_new_tokens``, ``tokens_cached <= tokens_prefilled``, a non-empty completion; and
-  for qalign/ancestral (one sample per output) ``tokens_generated <= proposal_len``; the method's own chain
-  rules where its module defines ``transition_errors(prev, cur)`` (QAlign: an accepted state shares
-  ``y[:index]`` with the previous state and is its proposal, a rejected one repeats it); and
+  proposal length <= ``max_new_tokens``, ``tokens_cached <= tokens_prefilled``, a non-empty completion; the
+  method's own rules, its declared ``transition_errors(prev, cur)`` (``methods/base.py``; fsck never names a
+  method): between consecutive states for a chain method (QAlign: an accepted state shares ``y[:index]`` with
+  the previous state and is its proposal, a rejected one repeats it), on each output alone for independent
+  samples (ancestral: one whole sample, ``accepted`` and ``index=0``); and
   ``text == decode(completion_ids)`` with the run's tokenizer only (shipped asset or local model folder from
   the stored meta; no model weights are loaded, no hub is contacted);
 * meta vs config: ``config_hash`` recomputed from ``meta.config``, the run name the config gives, the copied
@@ -60,8 +61,6 @@ REQUIRED_FIELDS = ("completion_ids", "text", "reward", "accepted", "index", "pro
 COUNT_FIELDS = ("index", "proposal_len", "tokens_generated", "tokens_prefilled", "tokens_cached", "tokens_scored")
 FINISH_REASONS = ("stop", "length")
 STATUSES = ("created", "running", "done")
-#: methods whose chain rules (accept/reject bookkeeping) fsck knows
-CHAIN_METHODS = ("qalign", "ancestral")
 MAX_LISTED = 20
 
 
@@ -182,34 +181,28 @@ def check_output(out: Any, max_new: int | None) -> list[str]:
 
 
 def transition_hook(method: str) -> Callable[[Mapping[str, Any] | None, Mapping[str, Any]], list[str]] | None:
-    """The method module's ``transition_errors(prev, cur)``, or None when the method defines no chain rules."""
-    from qalign_repro.methods import METHODS
+    """The method's declared ``transition_errors(prev, cur)``, or None when it declares none (the base class's)
+    or the name is not a registered method: then only the generic checks apply."""
+    from qalign_repro.methods import METHODS, Method
 
     try:
         cls = METHODS.get(method)
     except ValueError:  # an unknown method name: nothing method-specific to check
         return None
-    return getattr(sys.modules.get(cls.__module__), "transition_errors", None)
+    return None if cls.transition_errors is Method.transition_errors else cls.transition_errors
 
 
 def check_transition(method: str, step: int, prev: Mapping[str, Any] | None, out: Mapping[str, Any],
                      hook: Callable[..., list[str]] | None = None) -> list[str]:
-    """The bookkeeping between consecutive states: generic one-sample rules, then the method's own ``hook``
-    (``transition_hook(method)``; ``prev`` is None for state 0)."""
-    bad: list[str] = []
-    # one sample per output: what was generated is (the suffix of) the proposal. Not a rule for methods that
-    # count discarded tokens too (CARDS rejects chunks, SSS drops particles).
-    if method in CHAIN_METHODS and out["tokens_generated"] > out["proposal_len"]:
-        bad.append(f"tokens_generated={out['tokens_generated']} > proposal_len={out['proposal_len']}")
-    if method == "ancestral":  # ancestral.py defines no transition_errors yet: its rule stays here
-        if out["accepted"] is not True or out["index"] != 0:
-            bad.append("an independent sample must have accepted=true and index=0")
-        if out["proposal_len"] != len(out["completion_ids"]):
-            bad.append(f"proposal_len={out['proposal_len']} differs from the completion length "
-                       f"{len(out['completion_ids'])}")
-    if hook is not None:
-        bad.extend(hook(prev if step else None, out))
-    return bad
+    """The method's own rules on output ``step`` (``hook = transition_hook(method)``; none without one). A chain
+    method's hook sees the previous state (None for state 0); an independent-samples method's sees None for
+    every output, which depends on no other."""
+    if hook is None:
+        return []
+    from qalign_repro.methods import METHODS
+
+    chained = step > 0 and METHODS.get(method).kind == "chain"
+    return list(hook(prev if chained else None, out))
 
 
 @functools.lru_cache(maxsize=4)
@@ -372,7 +365,7 @@ def _check_outputs(rep: Report, conn: sqlite3.Connection, meta: Mapping[str, Any
                 rep.add("record", "output is not valid JSON", instance=idx, step=step, repairable=True)
                 break
             bad = check_output(out, max_new)
-            if not bad and (method in CHAIN_METHODS or hook is not None):
+            if not bad and hook is not None:
                 bad = check_transition(method, step, prev, out, hook)
             if bad:
                 rep.add("record", "; ".join(bad), instance=idx, step=step, repairable=True)

@@ -20,13 +20,14 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from qalign_repro.errors import StorageError
 from qalign_repro.store.shards import shard_info
 from qalign_repro.store.storage import LOCK_NAME, RunStore, list_runs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = ["run", "experiment", "dataset", "method", "model", "shard", "status", "progress", "chains_done", "outputs",
            "prompts", "wall_time", "host", "gpu", "git_sha", "finished"]
@@ -113,8 +114,49 @@ def list_table(root: str | os.PathLike, experiment: str | None = None, patterns:
         if experiment and row["experiment"] != experiment:
             continue
         rows.append(row)
+    import pandas as pd  # here, not at the top: evaluate and predict import select_runs from this module
+
     table = pd.DataFrame(rows, columns=COLUMNS)
     return table.sort_values(["experiment", "dataset", "run"], kind="stable").reset_index(drop=True)
+
+
+def select_runs(cfg: Any) -> list[str]:
+    """Run names a later stage (evaluate, predict, plot) works on: ``runs`` null = this config's run, "all" =
+    every run of ``experiment_name``, or a list of glob patterns over run names. Here, with the listing, and not
+    in the CLI plumbing: it is a question about what the store holds."""
+    from omegaconf import OmegaConf
+
+    from qalign_repro.store.run_names import run_name
+
+    root = cfg.output_root
+    spec = cfg.get("runs")
+    existing = list_runs(root)
+    if spec is None:
+        name = run_name(cfg)
+        if name not in existing:
+            raise StorageError(
+                f"no run {name!r} under {root}/runs for these overrides; run `python -m qalign_repro.run` "
+                f"with them first (existing runs: {', '.join(existing) or 'none'})"
+            )
+        return [name]
+    if spec == "all":
+        experiments = {n: RunStore(root, n, readonly=True).meta.get("experiment_name") for n in existing}
+        picked = [n for n, e in experiments.items() if e == cfg.experiment_name]
+        if not picked:
+            counts: dict[str, int] = {}
+            for e in experiments.values():
+                counts[str(e)] = counts.get(str(e), 0) + 1
+            held = ", ".join(f"{e} ({k} run{'s' * (k > 1)})" for e, k in sorted(counts.items())) or "none"
+            raise StorageError(
+                f"runs=all matches no run of experiment_name={cfg.experiment_name} under {root}/runs (runs=all "
+                f"takes every run of experiment_name; the runs there belong to: {held}); allowed: "
+                "experiment_name=<one of those> (or the experiment=... you ran with), or runs='[<glob>]'")
+    else:
+        patterns = [spec] if isinstance(spec, str) else list(OmegaConf.to_container(spec))
+        picked = [n for n in existing if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    if not picked:
+        raise StorageError(f"runs={spec} matches no run under {root}/runs (existing: {', '.join(existing) or 'none'})")
+    return picked
 
 
 def _default_root() -> str:

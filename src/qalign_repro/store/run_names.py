@@ -43,11 +43,11 @@ def generation_config(cfg: DictConfig) -> dict:
             out[what] = {k: v for k, v in out[what].items() if k not in MODEL_NON_IDENTITY}
     if isinstance(out.get("method"), dict) and out["method"].get("chains", 1) == 1:
         out["method"] = {k: v for k, v in out["method"].items() if k != "chains"}  # one chain: as before the option
-    if isinstance(out.get("method"), dict) and out["method"].get("index", "uniform") == "uniform":  # as before too
-        out["method"] = {k: v for k, v in out["method"].items() if k not in ("index", "block_size", "index_position")}
-    if isinstance(out.get("method"), dict) and out["method"].get("init", "ancestral") == "ancestral":
-        # ancestral starts: as before warm starts existed (init_output only means something with init=run:)
-        out["method"] = {k: v for k, v in out["method"].items() if k not in ("init", "init_output")}
+    if isinstance(out.get("method"), dict):  # default index and start: named as before those options existed
+        from qalign_repro.methods.proposal_index import without_default_index
+        from qalign_repro.methods.warm_start import without_default_init
+
+        out["method"] = without_default_init(without_default_index(out["method"]))
     return out
 
 

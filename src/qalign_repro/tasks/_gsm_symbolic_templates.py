@@ -429,9 +429,9 @@ def parse_template(row: dict[str, Any], variant: str) -> Template:
         raise DataError(f"{where}: no '#init:' section")
     question = text[: sections[0].start()].rstrip()
     body: dict[str, str] = {}
-    for k, m in enumerate(sections):
+    for k, sec in enumerate(sections):
         end = sections[k + 1].start() if k + 1 < len(sections) else len(text)
-        body[m.group(1)] = (m.group(2) + "\n" + text[m.end() : end]).strip()
+        body[sec.group(1)] = (sec.group(2) + "\n" + text[sec.end() : end]).strip()
     if "answer" not in body:
         raise DataError(f"{where}: no '#answer' section")
     init = []
@@ -684,7 +684,7 @@ def draw(tpl: Template, rng: random.Random, budget: int = 2_000_000, cap: int = 
                 conflict |= cond_lines[id(failed)]
                 continue
             sub = search(k + 1, env, display)
-            if sub is True:
+            if isinstance(sub, bool):  # search returns True or the lines to blame, never False
                 return True
             if k not in sub:
                 return sub
@@ -796,7 +796,10 @@ _NUMBER_PRINTED = r"(?:-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?:/\d+)?|-?\.\d+|inf|n
 def _slot_regex(template_text: str, pattern: re.Pattern[str], key_of: Callable[[re.Match[str]], str],
                 group_pattern: Callable[[str], str]) -> tuple[re.Pattern[str], list[str]]:
     """Regex for a rendered template: each slot becomes a capture group (a repeat -> backreference)."""
-    out, pos, groups, names = [], 0, {}, []
+    out: list[str] = []
+    pos = 0
+    groups: dict[str, str] = {}
+    names: list[str] = []
     for m in pattern.finditer(template_text):
         out.append(_flexible(template_text[pos : m.start()]))
         key = key_of(m)

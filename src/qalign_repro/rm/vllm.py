@@ -7,47 +7,22 @@ request therefore carries ``PoolingParams(use_activation=False)``; the result eq
 tests check it within 1e-3).
 
 Inputs are the RM's chat template over (prompt, assistant completion), tokenized by the RM's HF tokenizer as
-the ``hf`` backend does, and never truncated: a too-long conversation is an error.
+the ``hf`` backend does, and never truncated: a too-long conversation is an error. The engine set-up is the
+generator half's (``lm/vllm.py``); the reward is pooled at the last token, the completion's closing EOS, as the
+``hf`` RM reads it (``tests/vllm_backends/test_vllm_engine.py`` compares the two per sequence).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from qalign_repro.errors import ConfigError
-from qalign_repro.lm.hf import render_chat
-from qalign_repro.lm.vllm_engine import (
-    allow_long_context,
-    configure_process,
-    engine_kwargs,
-    load_tokenizer,
-    params_of,
-    require_vllm,
-)
-from qalign_repro.models.folders import check_architecture, inspect_model, resolve_model_path
+from qalign_repro.lm.vllm import allow_long_context, engine_kwargs, require_vllm, start_engine, stop_engine
+from qalign_repro.models import hf_format as hff
+from qalign_repro.models.folders import inspect_model, resolve_model_path
 from qalign_repro.rm.base import REWARDS, Scores
-from qalign_repro.rm.hf import conversation
-
-
-def check_scalar_rm(path: str, cfg: Mapping[str, Any]) -> None:
-    """A one-label sequence classifier (the shared check of every local backend, models_io)."""
-    check_architecture(cfg, path, "reward", "rm")
-
-
-def encode_conversation(tokenizer: Any, prompt: list[dict[str, str]], completion: str, max_context: int) -> list[int]:
-    """Token ids the RM reads for one (prompt, completion), with the no-truncation rule."""
-    text = render_chat(tokenizer, conversation(prompt, completion), add_generation_prompt=False)
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    if len(ids) > max_context:
-        raise ConfigError(
-            f"reward input of {len(ids)} tokens exceeds the reward model context ({max_context}); "
-            "inputs are never truncated silently: lower max_new_tokens or use an RM with a longer context"
-        )
-    return ids
 
 
 @REWARDS.register("vllm")
@@ -61,16 +36,14 @@ class VLLMReward:
         spec = inspect_model(reward_cfg, self.path, "reward", "rm")  # before the engine loads any weight
         self.max_context, self.max_positions = spec.max_context, spec.positions
         allow_long_context(reward_cfg, spec)
-        self.tokenizer = load_tokenizer(self.path, bool(reward_cfg.get("trust_remote_code", False)))
-        self.n_params = params_of(self.path, reward_cfg)
+        self.tokenizer = hff.load_tokenizer(self.path, "reward", bool(reward_cfg.get("trust_remote_code", False)))
+        self.n_params = hff.params_of(self.path, reward_cfg)
         kwargs = engine_kwargs(self.path, reward_cfg, backend_cfg.get("rm_engine"), "rm", self.max_context)
-        kwargs.update(configure_process(backend_cfg))
         kwargs["runner"] = "pooling"
-        print(f"vllm: loading reward model {self.path} (pooling runner)", file=sys.stderr, flush=True)
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = start_engine(vllm, kwargs, backend_cfg, f"reward model {self.path} (pooling runner)")
 
     def encode(self, prompt: list[dict[str, str]], completion: str) -> list[int]:
-        return encode_conversation(self.tokenizer, prompt, completion, self.max_context)
+        return hff.encode_conversation(self.tokenizer, prompt, completion, self.max_context)
 
     def score_ids(self, encoded: list[list[int]]) -> np.ndarray:
         from vllm import PoolingParams
@@ -88,7 +61,4 @@ class VLLMReward:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+        stop_engine(llm)

@@ -1,11 +1,12 @@
-"""Reward model on a vLLM pooling server (``backend.reward=server``), e.g. the RM server of ``make serve``.
+"""Reward model on a vLLM pooling server (``backend.reward=openai``), e.g. the RM server of ``make serve``.
 
 Inputs go to vLLM's ``POST /classify`` as token ids (the RM's chat template applied and tokenized here, exactly as
 the ``hf`` and ``vllm`` reward backends do) with ``use_activation: false``, so the answer is the raw logit rather
 than the sigmoid probability the endpoint returns by default for a one-label model.
 
 Requests are split into chunks of ``rm_batch_size`` inputs sent concurrently, with the retry policy of the
-generation client (lm/openai_client.py): timeouts, backoff on connection errors / 5xx, one line per retry round.
+generation half (lm/openai.py, whose pool and start-up handshake this module shares): timeouts, backoff on
+connection errors / 5xx, one line per retry round.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from qalign_repro.errors import ConfigError
-from qalign_repro.lm.openai_client import BackendRequestError, HTTPPool, HTTPSettings, served_model
-from qalign_repro.lm.vllm_engine import load_tokenizer, model_config, params_of
-from qalign_repro.models.folders import resolve_model_path
+from qalign_repro.errors import BackendRequestError, ConfigError
+from qalign_repro.lm.openai import HTTPPool, HTTPSettings, connect
+from qalign_repro.models import hf_format as hff
+from qalign_repro.models.folders import check_architecture, resolve_model_path
 from qalign_repro.rm.base import REWARDS, Scores
-from qalign_repro.rm.vllm_pooling import check_scalar_rm, encode_conversation
 
 
 def server_root(base_url: str) -> str:
@@ -29,30 +29,27 @@ def server_root(base_url: str) -> str:
     return base[:-3] if base.endswith("/v1") else base
 
 
-@REWARDS.register("server")
-class ServerReward:
-    name = "server"
+@REWARDS.register("openai")
+class OpenAIReward:
+    name = "openai"
 
     def __init__(self, reward_cfg: Mapping[str, Any], backend_cfg: Mapping[str, Any] | None = None):
         backend_cfg = dict(backend_cfg or {})
         self.path = resolve_model_path(reward_cfg, "reward")
-        cfg = model_config(self.path)
-        check_scalar_rm(self.path, cfg)
-        self.tokenizer = load_tokenizer(self.path, bool(reward_cfg.get("trust_remote_code", False)))
-        self.n_params = params_of(self.path, reward_cfg)
+        cfg = hff.model_config(self.path, "reward")
+        check_architecture(cfg, self.path, "reward", "rm")  # a one-label sequence classifier, as locally
+        self.tokenizer = hff.load_tokenizer(self.path, "reward", bool(reward_cfg.get("trust_remote_code", False)))
+        self.n_params = hff.params_of(self.path, reward_cfg)
         settings = HTTPSettings.from_cfg(backend_cfg, prefix="rm_")
         if not backend_cfg.get("rm_base_url"):
             raise ConfigError("backend.rm_base_url is not set; allowed: the reward server's http(s)://host:port")
         settings.base_url = server_root(settings.base_url)
-        self.http = HTTPPool(settings, "reward server")
-        self.model, server_len = served_model(_V1View(self.http), backend_cfg.get("rm_model"), "backend.rm_base_url")
-        self.max_context = int(reward_cfg.get("max_context") or cfg.get("max_position_embeddings") or 2048)
-        if server_len:
-            self.max_context = min(self.max_context, int(server_len))
+        self.http, self.model, self.max_context = connect(settings, "reward server", backend_cfg.get("rm_model"),
+                                                          reward_cfg, cfg, "backend.rm_base_url", listing=_V1View)
         self.batch_size = int(backend_cfg.get("rm_batch_size") or 16)
 
     def encode(self, prompt: list[dict[str, str]], completion: str) -> list[int]:
-        return encode_conversation(self.tokenizer, prompt, completion, self.max_context)
+        return hff.encode_conversation(self.tokenizer, prompt, completion, self.max_context)
 
     def score(self, prompts: list[list[dict[str, str]]], completions: list[str]) -> Scores:
         encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]

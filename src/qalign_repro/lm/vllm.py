@@ -9,22 +9,22 @@ seeded request from its own generator, so a sample does not depend on its batch-
 Prompts and completions are token ids; the chat template and decoding use the model's HF tokenizer exactly as
 the ``hf`` backend does, so both backends send the same prompt ids.
 
-This module imports without vLLM installed (the registry imports every backend module); ``vllm`` is imported
-when an engine is built.
+This module imports without vLLM installed (the registry may import every backend module); ``vllm`` is imported
+when an engine is built (``import vllm`` is absolute: this module being named ``vllm`` does not shadow it). The
+engine set-up here (``require_vllm``, ``engine_kwargs``, ``start_engine``, ``stop_engine``) is shared with the
+reward half, ``rm/vllm.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qalign_repro.errors import ConfigError
-from qalign_repro.lm.base import GENERATORS, Completion, check_budget
-from qalign_repro.lm.hf import render_chat
+from qalign_repro.lm.base import GENERATORS, Completion, check_budget, unsupported
+from qalign_repro.models import hf_format as hff
 from qalign_repro.models.folders import ModelSpec, inspect_model, resolve_model_path
 
 #: KV cache reserved per engine on CPU when ``kv_cache_memory_bytes`` is not set: vLLM's own sizing reserves
@@ -79,81 +79,6 @@ def configure_logging(verbose: bool) -> None:
             handler.setLevel(level)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def model_config(path: str) -> dict[str, Any]:
-    """The model's config.json (local folder or hub id)."""
-    local = Path(path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path).to_dict()
-
-
-def params_of(path: str, cfg: Mapping[str, Any]) -> int:
-    """The loaded checkpoint's parameter count; a config's ``n_params`` (written for cost planning) is only the
-    fallback when the checkpoint cannot be inspected."""
-    try:
-        return count_weight_params(path)
-    except ConfigError:
-        if cfg.get("n_params"):
-            return int(cfg["n_params"])
-        raise
-
-
-def count_weight_params(path: str) -> int:
-    """Parameter count from the checkpoint's safetensors headers, without loading weights.
-
-    Why not the engine's modules: vLLM pads vocabularies and fuses layers, so its parameter count differs from
-    the model's; FLOPs use the HF count (the same number the ``hf`` backend reports; tied embeddings are stored
-    once).
-    """
-    folder = Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if files:
-        from safetensors import safe_open
-
-        total = 0
-        for f in files:
-            with safe_open(str(f), framework="numpy") as st:
-                for key in st.keys():
-                    n = 1
-                    for d in st.get_slice(key).get_shape():
-                        n *= int(d)
-                    total += n
-        return total
-    if not folder.exists():
-        try:
-            from huggingface_hub import get_safetensors_metadata
-
-            from qalign_repro.models.hub import offline_reason
-
-            offline_reason()  # offline: the call below fails at once instead of retrying
-            meta = get_safetensors_metadata(path)
-            return int(sum(meta.parameter_count.values()))
-        except Exception as exc:  # offline, private repo, .bin-only checkpoint
-            raise ConfigError(
-                f"cannot count the parameters of {path} ({type(exc).__name__}: {exc}); allowed: a local folder "
-                "with *.safetensors, or set model.n_params / reward.n_params"
-            ) from None
-    raise ConfigError(f"{path} has no *.safetensors; allowed: a safetensors checkpoint, or set n_params")
-
-
-def eos_ids(cfg: Mapping[str, Any], tokenizer: Any) -> list[int]:
-    """The model config's EOS id(s) (what the ``hf`` backend stops on), else the tokenizer's."""
-    eos = cfg.get("eos_token_id")
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError("the model defines no eos_token_id (config.json or tokenizer); allowed: a model with one")
-    return sorted({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
-
-
 def head_size(cfg: Mapping[str, Any]) -> int | None:
     if cfg.get("head_dim"):
         return int(cfg["head_dim"])
@@ -187,7 +112,7 @@ def check_cpu_head_size(path: str, cfg: Mapping[str, Any]) -> None:
 
 def allow_long_context(cfg: Mapping[str, Any], spec: ModelSpec) -> None:
     """vLLM refuses a ``max_model_len`` beyond the model's positions unless told otherwise; the config's explicit
-    ``allow_long_context`` (checked in ``models_io.context_length``) is that permission."""
+    ``allow_long_context`` (checked in ``models.folders.context_length``) is that permission."""
     if cfg.get("allow_long_context") and spec.positions is not None and spec.max_context > spec.positions:
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
 
@@ -211,7 +136,7 @@ def engine_kwargs(path: str, cfg: Mapping[str, Any], engine: Mapping[str, Any] |
         trust_remote_code=bool(cfg.get("trust_remote_code", False)),
     )
     if on_cpu():
-        check_cpu_head_size(path, model_config(path))
+        check_cpu_head_size(path, hff.model_config(path))
         kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES[kind])
         # eager on CPU unless asked otherwise: torch.compile recompiles for each new batch shape, and the many
         # shapes of bulk and asynchronous submission cost more than compiled steps save (make reproduce-tiny on
@@ -253,20 +178,20 @@ def plain_sampling_kwargs() -> dict[str, Any]:
                 frequency_penalty=0.0, repetition_penalty=1.0)
 
 
-def topk_entropy(logprobs: list[float]) -> float:
-    """Entropy from the top-k log-probabilities of one position, a lower bound of the exact entropy.
+def start_engine(vllm: Any, kwargs: dict[str, Any], backend_cfg: Mapping[str, Any], message: str) -> Any:
+    """``vllm.LLM(**kwargs)`` after the process settings of ``backend.in_process`` / ``verbose``, with one line
+    saying what loads (both halves of the backend start their engine here)."""
+    kwargs.update(configure_process(backend_cfg))
+    print(f"vllm: loading {message}", file=sys.stderr, flush=True)
+    return vllm.LLM(**kwargs)
 
-    The tail (tokens outside the top k, total mass m) contributes at least -m log m, so
-    H >= -sum_topk p log p - m log m; the bound is exact when k covers the vocabulary (``entropy_top_k: -1``).
-    """
-    import math
 
-    probs = [math.exp(lp) for lp in logprobs if lp > -float("inf")]
-    h = -sum(p * math.log(p) for p in probs if p > 0)
-    tail = max(0.0, 1.0 - sum(probs))
-    if tail > 1e-12:
-        h -= tail * math.log(tail)
-    return h
+def stop_engine(llm: Any) -> None:
+    """Shut an engine's core down (its worker processes too), so the next engine gets the memory."""
+    if llm is not None:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
 
 @GENERATORS.register("vllm")
@@ -282,30 +207,36 @@ class VLLMGenerator:
         cfg = spec.config
         self.max_context, self.max_positions = spec.max_context, spec.positions
         allow_long_context(model_cfg, spec)
-        self.tokenizer = load_tokenizer(self.path, trust)
-        self.n_params = params_of(self.path, model_cfg)
-        self.eos_token_ids = eos_ids(cfg, self.tokenizer)
+        self.tokenizer = hff.load_tokenizer(self.path, "model", trust)
+        self.n_params = hff.params_of(self.path, model_cfg)
+        self.eos_token_ids = hff.eos_ids(cfg, self.tokenizer)
         self.entropy_top_k = int(backend_cfg.get("entropy_top_k", 20))
         self.return_logprobs = bool(backend_cfg.get("return_logprobs", False))
         kwargs = engine_kwargs(self.path, model_cfg, backend_cfg.get("engine"), "lm", self.max_context)
-        kwargs.update(configure_process(backend_cfg))
         # prefix caching is the point of this backend; the engine block cannot turn it off
         kwargs["enable_prefix_caching"] = True
         if self.entropy_top_k == -1:
             kwargs.setdefault("max_logprobs", -1)
         else:
             kwargs.setdefault("max_logprobs", max(20, self.entropy_top_k))
-        print(f"vllm: loading {self.path} (max_model_len={self.max_context})", file=sys.stderr, flush=True)
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = start_engine(vllm, kwargs, backend_cfg, f"{self.path} (max_model_len={self.max_context})")
         self._plain = plain_sampling_kwargs()
 
     # -- text <-> ids -----------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return hff.encode_chat(self.tokenizer, messages)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return hff.decode(self.tokenizer, token_ids)
+
+    def next_token_logprob_rows(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                                n_rows: Sequence[int], temperature: float = 1.0, batch_size: int = 64) -> Any:
+        """Not available: vLLM returns top-k log-probs of sampled positions, not whole distributions."""
+        raise unsupported(self.name, "return full next-token distributions (vLLM returns top-k log-probs)")
+
+    def like(self, model_cfg: Mapping[str, Any]) -> Any:
+        """Not available: a second engine for a token-level method (SSS) would still lack full distributions."""
+        raise unsupported(self.name, "run a second model for a token-level method (SSS needs full distributions)")
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def sample(
@@ -355,7 +286,7 @@ class VLLMGenerator:
         if c.logprobs is not None:
             lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)]
             if return_entropies:
-                ents = [topk_entropy([float(lp.logprob) for tok, lp in pos.items()
+                ents = [hff.topk_entropy([float(lp.logprob) for tok, lp in pos.items()
                                       if lp.rank is not None and (self.entropy_top_k == -1
                                                                   or lp.rank <= self.entropy_top_k)])
                         for pos in c.logprobs]
@@ -373,10 +304,7 @@ class VLLMGenerator:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if shutdown is not None and hasattr(shutdown, "shutdown"):
-                shutdown.shutdown()
+        stop_engine(llm)
 
 
 class VLLMRequestEngine:

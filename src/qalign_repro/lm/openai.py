@@ -13,6 +13,9 @@ answers are not retried (they would fail again) and report the server's message.
 
 The API key is read from the environment variable named by ``api_key_env`` when the backend is built; the
 config holds only the variable's name, and the key never appears in messages or run metadata.
+
+The HTTP pool and the start-up handshake (``HTTPSettings``, ``HTTPPool``, ``connect``) are shared with the reward
+half, ``rm/openai.py``; this module imports httpx and tenacity only when a pool is built.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qalign_repro.errors import BackendRequestError, BackendUnavailableError, ConfigError  # noqa: F401 (re-exported)
-from qalign_repro.lm.base import GENERATORS, Completion, check_budget
-from qalign_repro.lm.hf import render_chat
-from qalign_repro.lm.vllm_engine import eos_ids, load_tokenizer, model_config, params_of, topk_entropy
+from qalign_repro.lm.base import GENERATORS, Completion, check_budget, unsupported
+from qalign_repro.models import hf_format as hff
 from qalign_repro.models.folders import resolve_model_path
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -229,6 +231,25 @@ def served_model(pool: HTTPPool, configured: str | None, setting: str = "backend
     return str(data[0]["id"]), data[0].get("max_model_len")
 
 
+def connect(settings: HTTPSettings, label: str, configured: str | None, cfg: Mapping[str, Any],
+            config: Mapping[str, Any], setting: str = "backend.base_url", listing: Any = None
+            ) -> tuple[HTTPPool, str, int]:
+    """The start-up handshake both halves of the backend make: a pool to the server, the served model's name
+    (``served_model``: the first request, without retries) and the context to enforce: the model/ or reward/
+    config's ``max_context`` (else the checkpoint's positions, else 2048), capped by the server's
+    ``max_model_len``. ``listing`` wraps the pool for the model listing (the RM server lists under /v1)."""
+    pool = HTTPPool(settings, label)
+    try:
+        name, server_len = served_model(listing(pool) if listing else pool, configured, setting)
+    except BaseException:
+        pool.close()
+        raise
+    max_context = int(cfg.get("max_context") or config.get("max_position_embeddings") or 2048)
+    if server_len:
+        max_context = min(max_context, int(server_len))
+    return pool, name, max_context
+
+
 @GENERATORS.register("openai")
 class OpenAIGenerator:
     name = "openai"
@@ -237,24 +258,30 @@ class OpenAIGenerator:
         backend_cfg = dict(backend_cfg or {})
         # the tokenizer, context and parameter count come from the same model folder the server serves
         self.path = resolve_model_path(model_cfg, "model")
-        self.tokenizer = load_tokenizer(self.path, bool(model_cfg.get("trust_remote_code", False)))
-        cfg = model_config(self.path)
-        self.n_params = params_of(self.path, model_cfg)
-        self.eos_token_ids = eos_ids(cfg, self.tokenizer)
+        self.tokenizer = hff.load_tokenizer(self.path, "model", bool(model_cfg.get("trust_remote_code", False)))
+        cfg = hff.model_config(self.path)
+        self.n_params = hff.params_of(self.path, model_cfg)
+        self.eos_token_ids = hff.eos_ids(cfg, self.tokenizer)
         self.entropy_top_k = int(backend_cfg.get("entropy_top_k", 20))
         self.return_logprobs = bool(backend_cfg.get("return_logprobs", False))
-        self.http = HTTPPool(HTTPSettings.from_cfg(backend_cfg), "openai backend")
-        self.model, server_len = served_model(self.http, backend_cfg.get("model"))
-        self.max_context = int(model_cfg.get("max_context") or cfg.get("max_position_embeddings") or 2048)
-        if server_len:
-            self.max_context = min(self.max_context, int(server_len))
+        self.http, self.model, self.max_context = connect(HTTPSettings.from_cfg(backend_cfg), "openai backend",
+                                                          backend_cfg.get("model"), model_cfg, cfg)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return hff.encode_chat(self.tokenizer, messages)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return hff.decode(self.tokenizer, token_ids)
+
+    def next_token_logprob_rows(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                                n_rows: Sequence[int], temperature: float = 1.0, batch_size: int = 64) -> Any:
+        """Not available: the completions API returns top-k log-probs of sampled positions only."""
+        raise unsupported(self.name, "return full next-token distributions (the completions API returns top-k "
+                                     "log-probs)")
+
+    def like(self, model_cfg: Mapping[str, Any]) -> Any:
+        """Not available: a server serves the models it was started with."""
+        raise unsupported(self.name, "load a second model (a server serves the models it was started with)")
 
     def request_body(self, prompt: list[int], max_tokens: int, seed: int, temperature: float,
                      logprobs: int | None) -> dict[str, Any]:
@@ -310,7 +337,7 @@ class OpenAIGenerator:
             lps = [float(x) if x is not None else float("nan") for x in lp_block.get("token_logprobs") or []]
             if return_entropies:
                 # each position lists the top k and, when it is outside them, the sampled token: keep the k largest
-                ents = [topk_entropy(sorted((top or {}).values(), reverse=True)[: self.entropy_top_k])
+                ents = [hff.topk_entropy(sorted((top or {}).values(), reverse=True)[: self.entropy_top_k])
                         for top in lp_block.get("top_logprobs") or []]
         return Completion(
             token_ids=[int(t) for t in ids],
