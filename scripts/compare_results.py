@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -25,26 +26,33 @@ VOLATILE = {"wall_s", "started", "finished", "provenance", "timers", "tokens_cac
 BYTE_SUFFIXES = {".csv", ".md", ".tex", ".txt"}
 
 
-def scrub(value: Any) -> Any:
-    """``value`` without its volatile keys, recursively (lists keep their order)."""
+#: where a checkout keeps the package: paths into it (shipped models, calibration files) name the checkout
+_PACKAGE = re.compile(r"^.*?/src/qalign_repro/")
+
+
+def scrub(value: Any, root: str = "") -> Any:
+    """``value`` without its volatile keys, recursively (lists keep their order); paths into the results folder
+    ``root`` or into a checkout's package are made relative, so two checkouts or output roots compare equal."""
     if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE and not k.endswith("_wall_s")}
+        return {k: scrub(v, root) for k, v in value.items() if k not in VOLATILE and not k.endswith("_wall_s")}
     if isinstance(value, list):
-        return [scrub(v) for v in value]
+        return [scrub(v, root) for v in value]
+    if isinstance(value, str):
+        return _PACKAGE.sub("<package>/", value.replace(root, "<results>") if root else value)
     return value
 
 
-def store_rows(path: Path) -> dict[str, Any]:
+def store_rows(path: Path, root: str) -> dict[str, Any]:
     """Every row of a run store, keyed by table and primary key, as scrubbed JSON."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         out: dict[str, Any] = {}
         for name, value in con.execute("SELECT name, value FROM fields"):
-            out[f"fields/{name}"] = scrub(json.loads(value))
+            out[f"fields/{name}"] = scrub(json.loads(value), root)
         for idx, value in con.execute("SELECT idx, input FROM instances"):
-            out[f"instances/{idx}"] = scrub(json.loads(value))
+            out[f"instances/{idx}"] = scrub(json.loads(value), root)
         for idx, step, value in con.execute("SELECT idx, step, value FROM outputs"):
-            out[f"outputs/{idx}/{step}"] = scrub(json.loads(value))
+            out[f"outputs/{idx}/{step}"] = scrub(json.loads(value), root)
         return out
     finally:
         con.close()
@@ -68,7 +76,7 @@ def compare(a: Path, b: Path) -> list[str]:
             diffs.append(f"only in {'A' if rel in files_a else 'B'}: {rel}")
     for rel in sorted(files_a & files_b):
         if rel.name == "exp.sqlite":
-            ra, rb = store_rows(a / rel), store_rows(b / rel)
+            ra, rb = store_rows(a / rel, str(a)), store_rows(b / rel, str(b))
             for key in sorted(set(ra) | set(rb)):
                 diffs += [f"{rel.parent.name}: {key}{where} differs" for where in paths(ra.get(key), rb.get(key))]
         elif rel.suffix in BYTE_SUFFIXES and (a / rel).read_bytes() != (b / rel).read_bytes():

@@ -172,3 +172,17 @@ def test_rescoring_with_the_runs_own_rm_reproduces_its_rewards_on_the_shipped_mo
     stored = [[o["reward"] for o in inst["outputs"]] for inst in store.iter_instances()]
     store.close()
     np.testing.assert_allclose([e["reward"] for e in entries], stored, atol=1e-4)
+
+
+def test_rescored_tables_go_beside_the_run_rms_tables_not_over_them(tmp_path):
+    name = _run(tmp_path)
+    run_module("evaluate", *_overrides(tmp_path, SECOND))
+    run_module("predict", *_overrides(tmp_path, "predict.bootstrap=0"))
+    (own_table,) = (tmp_path / "predictions").glob("*/predictions.csv")  # one experiment's table
+    before = own_table.read_bytes()
+    run_module("predict", *_overrides(tmp_path, "predict.bootstrap=0", "predict.reward=reward:toy2"))
+    rescored = own_table.parent / "reward-toy2" / "predictions.csv"
+    assert own_table.read_bytes() == before
+    assert "selection_reward" in rescored.read_text().splitlines()[0]
+    assert (tmp_path / "runs" / name / "predictions.csv").is_file()
+    assert (tmp_path / "runs" / name / "predictions-reward-toy2.csv").is_file()

@@ -37,17 +37,20 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.cli import CONF_DIR
+from qalign_repro.config import plain_dict
 from qalign_repro.errors import ConfigError, StorageError
 from qalign_repro.methods import METHODS
 from qalign_repro.methods.base import Chain, RunContext
 
 if TYPE_CHECKING:
     from qalign_repro.api_result import Result
+    from qalign_repro.methods.sss import SSS as SSSMethod
+    from qalign_repro.store.storage import RunStore
     from qalign_repro.tasks import Task
 
 Messages = list[dict[str, str]]
@@ -62,7 +65,7 @@ def _model_config(group: str, name: str | Mapping[str, Any], overrides: Mapping[
     if isinstance(name, Mapping):
         cfg = dict(name)
     elif (CONF_DIR / group / f"{name}.yaml").is_file():
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"), resolve=True)
+        cfg = plain_dict(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))
     elif assets_dir(str(name)).is_dir():
         cfg = {"name": str(name), "path": None, "asset": str(name)}
     else:
@@ -111,9 +114,10 @@ def load_reward(name: str | Mapping[str, Any] = "tiny", *, backend: str | None =
     from qalign_repro.store import run_names as naming  # noqa: F401  registers ${model_label:} for the mix's named components
 
     path = CONF_DIR / "reward" / f"{name}.yaml"
-    node = OmegaConf.load(path) if isinstance(name, str) and path.is_file() else None
+    # cast: OmegaConf.load is typed as either container; a conf/reward entry is a mapping
+    node = cast(DictConfig, OmegaConf.load(path)) if isinstance(name, str) and path.is_file() else None
     if node is not None and node.get("kind") in ("python", "mix"):  # overrides first: python's name is ${.target}
-        cfg = OmegaConf.to_container(OmegaConf.merge(node, overrides), resolve=True)
+        cfg = plain_dict(OmegaConf.merge(node, overrides))
     else:
         cfg = _model_config("reward", name, overrides)
     reward = build_reward(cfg, {"device": device},
@@ -127,7 +131,9 @@ def as_messages(prompt: Prompt) -> Messages:
     """A string is one user turn; a message list must be ``[{"role": ..., "content": ...}, ...]``."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    msgs = [dict(m) for m in prompt] if isinstance(prompt, Sequence) else None
+    # not a str (returned above); the annotation keeps mypy's isinstance(Sequence) from re-adding str to it
+    seq: Sequence[Mapping[str, str]] = prompt
+    msgs = [dict(m) for m in seq] if isinstance(seq, Sequence) else None
     if not msgs or not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
         raise ConfigError(f"prompt {prompt!r:.80} is neither a string nor a list of {{role, content}} messages")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -143,11 +149,11 @@ def load_task(name: str = "arith", **overrides: Any) -> Task:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
         raise ConfigError(f"task={name!r} is not a known dataset; allowed: {known}")
-    return get_task({**OmegaConf.to_container(OmegaConf.load(path), resolve=True), **overrides})
+    return get_task({**plain_dict(OmegaConf.load(path)), **overrides})
 
 
 def _method_defaults(method: str) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"), resolve=True)
+    return plain_dict(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"))
 
 
 def _digest(value: Any) -> str:
@@ -190,7 +196,7 @@ class Sampler:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is not a known option; allowed: {', '.join(SCHEDULES)}")
         self.schedule = schedule
-        self.store = None  # the RunStore of the last ``run`` with an output_root
+        self.store: RunStore | None = None  # the RunStore of the last ``run`` with an output_root
 
     def _method(self) -> Any:
         return METHODS.get(self.method)(self.method_cfg)
@@ -225,7 +231,8 @@ class Sampler:
         if task is None and any(d is not None for d in docs):
             raise ConfigError("a prompt is a mapping (a task doc?); allowed: a string or a message list, or docs "
                               "together with task=<dataset name or Task>")
-        messages = [task.prompt(d) if d is not None else as_messages(p) for p, d in zip(prompts, docs)]
+        # d is None exactly where p is not a mapping, i.e. a Prompt
+        messages = [task.prompt(d) if d is not None else as_messages(cast(Prompt, p)) for p, d in zip(prompts, docs)]
         if prompt_ids is None:
             prompt_ids = [str(d["id"]) if d is not None and "id" in d else str(i) for i, d in enumerate(docs)]
         ids = [str(i) for i in prompt_ids]
@@ -366,7 +373,9 @@ class SSS(Sampler):
         return load_model(spec, backend=getattr(model, "name", None), device=str(getattr(model, "device", "auto")))
 
     def _method(self) -> Any:
-        return METHODS.get(self.method)(self.method_cfg, draft=self._draft, draft_ref=self._draft_ref)
+        # cast: the registry is typed by the base class; the "sss" entry takes the drafts
+        sss = cast("type[SSSMethod]", METHODS.get(self.method))
+        return sss(self.method_cfg, draft=self._draft, draft_ref=self._draft_ref)
 
 
 __all__ = ["Ancestral", "CARDS", "QAlign", "SSS", "Sampler", "as_messages", "load_model", "load_reward", "load_task"]

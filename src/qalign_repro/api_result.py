@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -153,7 +153,8 @@ class Result(Sequence):
             if p.answers is not None:
                 line += f" -> {p.answers[-1]}"
                 if p.gold is not None:
-                    line += f" (gold {p.gold}, {'right' if p.correct[-1] else 'wrong'})"
+                    correct = cast("list[bool | None]", p.correct)  # grades are set: answers is not None
+                    line += f" (gold {p.gold}, {'right' if correct[-1] else 'wrong'})"
             lines.append(line)
         if len(self.prompts) > 8:
             lines.append(f"  ... {len(self.prompts) - 8} more")

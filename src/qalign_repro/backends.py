@@ -7,13 +7,13 @@ benchmarks too: living in the run stage, it made calibrate and run import each o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
 
 def _backend(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.backend, resolve=True)
+    return cast(dict[str, Any], OmegaConf.to_container(cfg.backend, resolve=True))
 
 
 def _reward_class(cfg: DictConfig) -> Any:
@@ -28,7 +28,7 @@ def build_reward_model(cfg: DictConfig, reward: Mapping[str, Any] | None = None,
     ``rm.mix.build_reward`` first."""
     from qalign_repro.rm.mix import build_reward
 
-    node = OmegaConf.to_container(cfg.reward, resolve=True) if reward is None else dict(reward)
+    node = cast(dict[str, Any], OmegaConf.to_container(cfg.reward, resolve=True)) if reward is None else dict(reward)
     return build_reward(node, _backend(cfg), _reward_class(cfg) if rm_cls is None else rm_cls)
 
 

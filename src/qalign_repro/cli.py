@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig
 
@@ -38,7 +38,7 @@ def group_options(group: str) -> list[str]:
 def _config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for k, v in cfg.items():
-        name = f"{prefix}{k}"
+        name = f"{prefix}{cast(str, k)}"  # a composed config's keys are yaml keys: str
         keys.append(name)
         if isinstance(v, DictConfig):
             keys.extend(_config_keys(v, name + "."))

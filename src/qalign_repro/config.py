@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from qalign_repro.errors import ConfigError
-from qalign_repro.registry import UnknownNameError
+from qalign_repro.registry import Registry, UnknownNameError
 
 
 def _number(cfg: DictConfig, key: str) -> float:
@@ -62,8 +62,9 @@ def _check_name(registry_name: str, name: Any) -> None:
     from qalign_repro.rm import REWARDS
     from qalign_repro.tasks import TASKS
 
-    registry = {"method": METHODS, "dataset": TASKS, "backend.generator": GENERATORS,
-                "backend.reward": REWARDS}[registry_name]
+    registries: dict[str, Registry[Any]] = {"method": METHODS, "dataset": TASKS, "backend.generator": GENERATORS,
+                                            "backend.reward": REWARDS}
+    registry = registries[registry_name]
     try:
         registry.get(str(name))
     except UnknownNameError as exc:
@@ -76,7 +77,7 @@ def _check_method_options(cfg: DictConfig) -> None:
     from qalign_repro.methods import METHODS
 
     try:
-        METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
+        METHODS.get(str(cfg.method.name))(cast(dict[str, Any], OmegaConf.to_container(cfg.method, resolve=True)))
     except (ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -173,3 +174,12 @@ def validate(cfg: DictConfig) -> None:
         except StorageError as exc:
             raise ConfigError(str(exc)) from None
     _check_values_everywhere(cfg)
+
+
+def plain_dict(node: Any) -> dict[str, Any]:
+    """A config mapping as a plain, resolved ``dict`` (``OmegaConf.to_container`` is typed as any container; the
+    groups this package reads are mappings, so a non-mapping here is a bug, not user input)."""
+    out: Any = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a config mapping, got {type(out).__name__}")
+    return out

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def params_from_hf_config(config: Mapping[str, Any] | str | os.PathLike) -> dict
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"cannot read model config {str(path)!r} ({exc})") from None
-    c = dict(config)
+    c = dict(cast(Mapping[str, Any], config))  # a config.json is an object (json.loads is typed Any)
     archs = " ".join(c.get("architectures") or [])
     classifier = "SequenceClassification" in archs
     if "n_embd" in c and "hidden_size" not in c:  # GPT-2 naming

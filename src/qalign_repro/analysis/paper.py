@@ -158,6 +158,7 @@ def match_series(series: pd.DataFrame, data: PaperData) -> tuple[dict[str, Any] 
                        "QAlign on qalign runs and MV / WMV / BoN on ancestral runs)")
     if reasons:
         return None, None, reasons
+    assert model is not None  # a None model is a reason above
     candidates = [r for r in data.rows if r["dataset"] == dataset and r["method"] == family and r["model"] == model]
     if not candidates:
         has = _names(sorted({r["model"] for r in data.rows if r["method"] == family}))
@@ -206,6 +207,7 @@ def compare(table: pd.DataFrame, data: PaperData | None = None) -> tuple[pd.Data
         if row is None:
             unmatched.append((f"{g.iloc[0]['dataset']} / {label} (run {g.iloc[0]['run']})", reasons))
             continue
+        assert ours is not None  # match_series returns both rows or neither
         acc = 100.0 * float(ours["accuracy"])
         low, high = 100.0 * float(ours.get("ci_low", math.nan)), 100.0 * float(ours.get("ci_high", math.nan))
         has_ci = not (math.isnan(low) or math.isnan(high))

@@ -365,7 +365,7 @@ def _unigram_overlap(flat: np.ndarray, lengths: np.ndarray, n_vocab: int) -> np.
     float32 are exact below 2**24); rare columns - most of a natural vocabulary - add their few pairs
     directly, which costs sum(df²) instead of texts² per column."""
     u = len(lengths)
-    overlap = np.zeros((u, u), dtype=np.float32)  # integer counts: exact in float32 below 2**24
+    overlap: np.ndarray = np.zeros((u, u), dtype=np.float32)  # integer counts: exact in float32 below 2**24
     if n_vocab == 0:
         return overlap
     rows = np.repeat(np.arange(u), lengths)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -93,8 +93,9 @@ def cut_segment(tokens: Sequence[int], entropies: Sequence[float] | None, start:
     before the first uncertain token at segment position >= ``min_len``), "eos" (EOS kept), or None (no
     boundary in this chunk). ``threshold=None`` disables the entropy rule (fixed-length segmentation).
     """
+    ents = cast(Sequence[float], entropies)  # read only with a threshold, which comes with entropies
     for i, tok in enumerate(tokens):
-        if threshold is not None and start + i >= min_len and entropies[i] > threshold:
+        if threshold is not None and start + i >= min_len and ents[i] > threshold:
             return i, "entropy"
         if tok in eos_ids:
             return i + 1, "eos"

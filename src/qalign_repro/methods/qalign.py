@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from qalign_repro.errors import ConfigError
 from qalign_repro.lm.base import Completion
@@ -183,7 +183,8 @@ class QAlign(Method):
             return initial_proposal(self, ctx, chain, seed)
         if k == 0:
             return Proposal(chain=chain, k=0, prompt_ids=chain.prompt_ids, max_tokens=ctx.max_new_tokens, seed=seed)
-        old = chain.last if state is None else state
+        # k > 0: the chain has stored output k - 1, so ``last`` is set
+        old = cast(dict[str, Any], chain.last) if state is None else state
         y = old["completion_ids"]
         i = self.index_rule.draw(derive_rng(ctx.seed, chain.prompt_id, k, PURPOSE_INDEX), len(y),
                                  len(chain.prompt_ids), ctx.generator)

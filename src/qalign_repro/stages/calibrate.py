@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -88,7 +88,7 @@ def beta_for_target(delta_r: np.ndarray, len_old: np.ndarray, len_new: np.ndarra
 
 
 def _calibration_chains(cfg: DictConfig, generator: Any) -> list[Chain]:
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset = cast(dict[str, Any], OmegaConf.to_container(cfg.dataset, resolve=True))
     dataset["n"] = int(cfg.calibrate.prompts)
     dataset["subset_seed"] = int(cfg.calibrate.subset_seed)
     if cfg.calibrate.get("split"):
@@ -312,7 +312,7 @@ def calibrate_beta(cfg: DictConfig, generator: Any, reward: Any) -> dict[str, An
 
 def calibration_settings(cfg: DictConfig) -> dict[str, Any]:
     """The ``calibrate`` block with its defaults filled in: what a stored calibration must have been made with."""
-    settings = OmegaConf.to_container(cfg.calibrate, resolve=True)
+    settings = cast(dict[str, Any], OmegaConf.to_container(cfg.calibrate, resolve=True))
     settings.setdefault("count", "all")
     return settings
 
@@ -370,7 +370,7 @@ def _read_stored(path: Path) -> dict[str, Any] | None:
 def _shipped_file(cfg: DictConfig) -> Path | None:
     """The reward model's local folder's ``calibration.json`` if there is one (checked without validating the
     folder, so a config whose folder is not there yet is not refused here)."""
-    node = OmegaConf.to_container(cfg.reward, resolve=True)
+    node = cast(dict[str, Any], OmegaConf.to_container(cfg.reward, resolve=True))
     if node.get("path") is not None:
         folder = Path(str(node["path"])).expanduser()
     elif node.get("asset"):
@@ -414,7 +414,7 @@ def shipped_calibration(cfg: DictConfig, prints: dict[str, str | None]) -> dict[
     that matches this config and these weights (``calibration_matches``), marked with ``shipped: <file>``; None
     otherwise. Why: the demo should not spend 1.5 min calibrating the shipped models on every run, and a stored
     fingerprint makes retrained or swapped weights fall back to a fresh calibration instead of a stale β."""
-    node = OmegaConf.to_container(cfg.reward, resolve=True)
+    node = cast(dict[str, Any], OmegaConf.to_container(cfg.reward, resolve=True))
     if (node.get("path") is None and not node.get("asset")) or not all(prints.values()):
         return None
     from qalign_repro.models.folders import resolve_model_path

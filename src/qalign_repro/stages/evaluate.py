@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,7 +60,8 @@ def _still_there(store: RunStore, inode: int | None) -> None:
 
 def grade_instance(task: Any, instance: dict[str, Any]) -> dict[str, Any]:
     doc = instance["input"]["doc"]
-    answers, correct, metrics = [], [], {}
+    answers, correct = [], []
+    metrics: dict[str, list[float]] = {}
     cache: dict[str, dict[str, Any]] = {}
     for out in instance["outputs"]:
         text = out["text"]
@@ -134,7 +135,7 @@ def rescore_config(value: Any) -> dict[str, Any] | None:
     if missing:
         raise ConfigError(f"evaluate.rescore={base or value!r} leaves {', '.join(missing)} unset; allowed: "
                           f"evaluate.rescore={{from: {base or '<conf/reward name>'}, {missing[0]}: <value>}}")
-    out = OmegaConf.to_container(node, resolve=True)
+    out = cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
     if not isinstance(out.get("name"), str) or not out["name"]:
         raise _bad_rescore(value, "has no name (the eval is called reward:<name>)")
     return out
@@ -166,7 +167,7 @@ class Rescore:
 def plan_rescore(cfg: DictConfig) -> Rescore | None:
     """The configured rescore, checked before any run is touched: the reward config, the weights' fingerprint
     (a local folder is validated here) and the reward backend."""
-    node = rescore_config(OmegaConf.to_container(cfg.evaluate, resolve=True).get("rescore")
+    node = rescore_config(cast(dict[str, Any], OmegaConf.to_container(cfg.evaluate, resolve=True)).get("rescore")
                           if cfg.get("evaluate") is not None else None)
     if node is None:
         return None

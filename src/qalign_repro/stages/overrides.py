@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from qalign_repro.config import plain_dict
 
 #: the cost plan's own options: given on the command line even where the config has no ``plan`` section
 PLAN_PREFIXES = ("plan.", "+plan.")
@@ -56,7 +58,8 @@ def recipe_stages(cfg: DictConfig, base: Sequence[str]) -> list[StagePlan]:
     if recipe.get("calibrate") and recipe.calibrate.get("enabled", True):
         stages.append(StagePlan("calibrate", "calibrate beta",
                                 merge_overrides(base, list(recipe.calibrate.get("overrides") or []))))
-    ds_over = OmegaConf.to_container(recipe.get("dataset_overrides") or {}, resolve=True)
+    # a mapping of dataset -> overrides; a recipe without any gets none (to_container refuses a plain {})
+    ds_over = plain_dict(recipe.get("dataset_overrides") or {})
     for job in recipe.jobs:
         for ds in recipe.datasets:
             stages.append(StagePlan("run", str(job.get("label", "")),

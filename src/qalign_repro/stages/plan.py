@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from qalign_repro.config import plain_dict
 from qalign_repro.errors import ConfigError, DataError
 from qalign_repro.stages.overrides import recipe_stages, split_overrides
 
@@ -81,6 +82,12 @@ class Lengths:
     estimates: tuple[tuple[str, str], ...] = ()
 
 
+def _func_of(method: Any) -> Any:
+    """The function behind a (bound) classmethod: identity of it tells a method's own cost model from the
+    inherited ``Method.expected_tokens`` (typed as a plain callable, which has no ``__func__``)."""
+    return method.__func__
+
+
 def expected_tokens(method: str, steps: int, lengths: Lengths) -> dict[str, float]:
     """Total tokens of a run of ``steps`` outputs per prompt: the method's own cost model
     (``Method.expected_tokens``, which mirrors what its run stores), or a one-line ConfigError without one."""
@@ -92,8 +99,8 @@ def expected_tokens(method: str, steps: int, lengths: Lengths) -> dict[str, floa
     except UnknownNameError:
         tokens = None
     if tokens is None:
-        base = Method.expected_tokens.__func__  # type: ignore[attr-defined]
-        priced = [m for m in METHODS.names() if METHODS.get(m).expected_tokens.__func__ is not base]
+        base = _func_of(Method.expected_tokens)
+        priced = [m for m in METHODS.names() if _func_of(METHODS.get(m).expected_tokens) is not base]
         raise ConfigError(f"the plan has no cost model for method={method}; allowed: {', '.join(priced)}")
     return tokens
 
@@ -174,7 +181,7 @@ def _stage_docs(cfg: DictConfig) -> tuple[Any | None, list[dict] | None, str]:
 
     offline = offline_reason() if cfg.dataset.get("source") == "hub" else None
     try:
-        task = get_task(OmegaConf.to_container(cfg.dataset, resolve=True))
+        task = get_task(plain_dict(cfg.dataset))
         return task, task.docs(), "docs"
     except Exception as exc:  # noqa: BLE001 - hub dataset offline: fall back to sizes
         if offline:
@@ -239,8 +246,7 @@ def _pilot(cfg: DictConfig, plan: Mapping[str, Any], prompts: list[list[int]], m
     from qalign_repro.lm import GENERATORS
     from qalign_repro.methods.base import derive_seed
 
-    gen = GENERATORS.get(str(cfg.backend.generator))(OmegaConf.to_container(cfg.model, resolve=True),
-                                                     OmegaConf.to_container(cfg.backend, resolve=True))
+    gen = GENERATORS.get(str(cfg.backend.generator))(plain_dict(cfg.model), plain_dict(cfg.backend))
     k_prompts = min(int(plan["pilot_prompts"]), len(prompts))
     reps = int(plan["pilot_samples"])
     ids = [prompts[j] for j in range(k_prompts) for _ in range(reps)]
@@ -251,7 +257,7 @@ def _pilot(cfg: DictConfig, plan: Mapping[str, Any], prompts: list[list[int]], m
     engine = engine_for(gen, int(cfg.batch_size), float(cfg.temperature), continuous=True)
     for j, (p, s) in enumerate(zip(ids, seeds)):
         engine.submit(Request(key=j, prompt_ids=p, max_tokens=int(cfg.max_new_tokens), seed=s))
-    finished: dict[int, Any] = {}
+    finished: dict[Hashable, Any] = {}
     while engine.in_flight():
         finished.update(engine.wait())
     engine.close()
@@ -282,8 +288,8 @@ def measure_lengths(cfg: DictConfig, plan: Mapping[str, Any], n_override: int | 
         estimates.append(("prompts", doc_note))
         if n <= 0:
             raise DataError(f"the plan cannot size dataset {dataset!r}: its docs cannot be loaded and dataset.n is null")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    reward_cfg = OmegaConf.to_container(cfg.reward, resolve=True)
+    model_cfg = plain_dict(cfg.model)
+    reward_cfg = plain_dict(cfg.reward)
     tok, tok_note = _load_tokenizer(model_cfg, "model") if docs is not None else (None, "")
     rm_tok, rm_note = _load_tokenizer(reward_cfg, "reward") if docs is not None else (None, "")
     sample = docs or []
@@ -356,9 +362,9 @@ def _conv(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
 # -- stages (their override lists come from stages/overrides.py, shared with the recipe) ---------------------------
 def plan_options(cfg: DictConfig, own: Sequence[str]) -> dict[str, Any]:
     """``plan.*`` from the code defaults, the config's ``plan`` section and the command line, validated."""
-    opts = OmegaConf.to_container(OmegaConf.merge(
+    opts = plain_dict(OmegaConf.merge(
         OmegaConf.create(PLAN_DEFAULTS), cfg.get("plan") or {},
-        OmegaConf.from_dotlist([o.lstrip("+")[len("plan."):] for o in own])), resolve=True)
+        OmegaConf.from_dotlist([o.lstrip("+")[len("plan."):] for o in own])))
     unknown = sorted(set(opts) - set(PLAN_DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown plan option(s) {unknown}; allowed: {', '.join(sorted(PLAN_DEFAULTS))}")
@@ -454,7 +460,7 @@ def build_plan(cfg: DictConfig, overrides: Sequence[str] = (), own: Sequence[str
         scfg = compose_config(list(st.overrides))
         batch = int(scfg.batch_size)
         if st.stage == "calibrate":
-            cal = OmegaConf.to_container(scfg.calibrate, resolve=True)
+            cal = plain_dict(scfg.calibrate)
             if cal.get("split"):  # calibrate.py reads this split of the configured dataset
                 OmegaConf.update(scfg, "dataset.split", str(cal["split"]))
             lengths = measure_lengths(scfg, opts, n_override=int(cal.get("prompts", 16)))

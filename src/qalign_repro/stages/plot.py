@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib
 
@@ -37,6 +37,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from qalign_repro.analysis import selection as sel  # noqa: E402
 from qalign_repro.analysis.paper import comparison_markdown  # noqa: E402
 from qalign_repro.errors import ConfigError, DataError  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 STYLE_PATH = Path(__file__).resolve().parent / "plot_style.mplstyle"
 METRICS = ("accuracy", "error")
@@ -115,7 +119,7 @@ FAMILY_LOOK = {"QAlign": ("-", "o", True), "MV": ("-", "s", True), "WMV": ("--",
                "BoN": (":", "D", False)}
 LINESTYLES = ("-", "--", ":", "-.")
 #: CI whiskers: thin, capped, a little transparent, so several series' intervals can be told apart
-ERRORBAR = {"capsize": 2.0, "elinewidth": 0.7, "capthick": 0.7}
+ERRORBAR: dict[str, Any] = {"capsize": 2.0, "elinewidth": 0.7, "capthick": 0.7}
 
 
 def ci_note(df: pd.DataFrame) -> str | None:
@@ -308,8 +312,8 @@ def fit_log_ticks(fig: Figure) -> None:
         for ax, level in todo.items():
             _set_log_ticks(ax, level)
         fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
-        last = {ax: (len(_TICK_SUBS) if ax._qalign_log_ticks[0] == "common" else 6) - 1  # type: ignore[attr-defined]
+        renderer = cast("FigureCanvasAgg", fig.canvas).get_renderer()  # matplotlib.use("Agg") above
+        last = {ax: (len(_TICK_SUBS) if ax._qalign_log_ticks[0] == "common" else 6) - 1
                 for ax in todo}
         todo = {ax: level + 1 for ax, level in todo.items()
                 if level < last[ax] and tick_labels_overlap(ax, renderer)}
@@ -325,8 +329,9 @@ def _shift_if_coincident(ax: plt.Axes, kw: dict[str, Any], points: set[tuple[flo
     so that both stay visible; returns the updated count of shifted series."""
     if points & drawn:
         shifted += 1
-        kw["transform"] = mtransforms.offset_copy(ax.transData, fig=ax.figure, x=COINCIDENT_SHIFT_PT * shifted,
-                                                  units="points")
+        # cast: ax.figure is typed Figure | SubFigure; the panels here sit on top-level figures (_new_figure)
+        kw["transform"] = mtransforms.offset_copy(ax.transData, fig=cast(Figure, ax.figure),
+                                                  x=COINCIDENT_SHIFT_PT * shifted, units="points")
     drawn |= points
     return shifted
 
@@ -351,9 +356,9 @@ def draw_metric_vs_flops(ax: plt.Axes, df: pd.DataFrame, styles: Mapping[str, Ma
         if d["y_low"].notna().all():
             yerr = np.vstack([(d["y"] - d["y_low"]).clip(lower=0), (d["y_high"] - d["y"]).clip(lower=0)])
             bars = ax.errorbar(d["flops"], d["y"], yerr=yerr, label=s, zorder=zorder, **ERRORBAR, **kw)
-            for artist in bars.lines[2]:
-                artist.set_alpha(0.55)
-            artists = [bars.lines[0], *bars.lines[1], *bars.lines[2]]
+            for whiskers in bars.lines[2]:
+                whiskers.set_alpha(0.55)
+            artists: Sequence[Artist] = [bars.lines[0], *bars.lines[1], *bars.lines[2]]
             ys += list(d["y_low"]) + list(d["y_high"])
         else:
             artists = ax.plot(d["flops"], d["y"], label=s, zorder=zorder, **kw)

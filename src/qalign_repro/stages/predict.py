@@ -31,6 +31,9 @@ Outputs (rerunning gives byte-identical files):
     <output_root>/predictions/<experiment_name>/predictions.{csv,md}   all selected runs
     <output_root>/predictions/<experiment_name>/diagnostics.{csv,md}   chain diagnostics (QAlign runs)
     <output_root>/runs/<run>/predictions.csv                            that run's rows
+With ``predict.reward=reward:<RM>`` (outputs re-scored by ``evaluate.rescore``) the same files go to
+``predictions/<experiment_name>/reward-<RM>/`` and ``runs/<run>/predictions-reward-<RM>.csv``, beside the
+tables of the run's own RM rather than over them ("BoN under a second RM" compares the two).
 """
 
 from __future__ import annotations
@@ -442,8 +445,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".4g") + "\n"
 
 
-def write_tables(table: pd.DataFrame, diag: pd.DataFrame, out_dir: Path, root: str | os.PathLike
-                 ) -> list[Path]:
+def write_tables(table: pd.DataFrame, diag: pd.DataFrame, out_dir: Path, root: str | os.PathLike,
+                 run_file: str = "predictions.csv") -> list[Path]:
     paths = [out_dir / "predictions.csv", out_dir / "predictions.md"]
     _atomic_write(paths[0], table.to_csv(index=False, float_format=FLOAT_FORMAT))
     _atomic_write(paths[1], to_markdown(table))
@@ -455,15 +458,22 @@ def write_tables(table: pd.DataFrame, diag: pd.DataFrame, out_dir: Path, root: s
     for run, rows in table.groupby("run", sort=True):
         text = rows.to_csv(index=False, float_format=FLOAT_FORMAT)
         for stored in members.get(str(run), [str(run)]):  # a sharded run's rows go to every shard
-            path = Path(root) / "runs" / stored / "predictions.csv"
+            path = Path(root) / "runs" / stored / run_file
             if path.parent.is_dir():
                 _atomic_write(path, text)
                 paths.append(path)
     return paths
 
 
-def predictions_dir(cfg: Mapping[str, Any]) -> Path:
-    return Path(str(cfg["output_root"])) / "predictions" / str(cfg["experiment_name"])
+def rescored_folder(reward: str | None) -> str | None:
+    """``reward:<RM>`` -> ``reward-<RM>``: the folder / file suffix of tables selected with a second RM."""
+    return None if reward is None else reward.replace(":", "-", 1)
+
+
+def predictions_dir(cfg: Mapping[str, Any], reward: str | None = None) -> Path:
+    base = Path(str(cfg["output_root"])) / "predictions" / str(cfg["experiment_name"])
+    sub = rescored_folder(reward)
+    return base if sub is None else base / sub
 
 
 def predict(cfg: Any) -> pd.DataFrame:
@@ -474,7 +484,9 @@ def predict(cfg: Any) -> pd.DataFrame:
     opts = PredictOptions.from_config(cfg)
     names = select_runs(cfg)
     table, diag = predict_runs(cfg.output_root, names, opts)
-    paths = write_tables(table, diag, predictions_dir(cfg), cfg.output_root)
+    sub = rescored_folder(opts.reward)
+    paths = write_tables(table, diag, predictions_dir(cfg, opts.reward), cfg.output_root,
+                         "predictions.csv" if sub is None else f"predictions-{sub}.csv")
     print(f"predictions for {table['run'].nunique()} run(s), {len(table)} rows -> {paths[0]}")
     print("\n".join(console_lines(table)))
     return table

@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  $ {line}")
             return
         beta = calibrate(cfg, overrides, execute="calibrate" in wanted)
+        assert beta is not None  # None only in a dry run (returned above)
         for step in run_steps(cfg, overrides, beta) + later_steps(cfg, overrides, beta):
             if step.stage in wanted:
                 _run(step)

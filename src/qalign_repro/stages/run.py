@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -127,7 +127,7 @@ def expand_chains(inputs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     chain 0 is the same chain a one-chain run makes."""
     if k == 1:
         return inputs
-    out = []
+    out: list[dict[str, Any]] = []
     for inp in inputs:
         for j in range(k):
             extra = {"chain": j} if j == 0 else {"chain": j, "seed_key": f"{inp['id']}#chain{j}"}
@@ -157,7 +157,7 @@ def _start(cfg: DictConfig, task: Any, docs: list[dict], encode: bool = True
     """Everything a new run checks before its folder exists: method options, the models (architecture and
     context are checked before any weight loads), and that every prompt fits the context (``encode``; a
     resumed run's prompts are stored already)."""
-    method = METHODS.get(str(cfg.method.name))(OmegaConf.to_container(cfg.method, resolve=True))
+    method = METHODS.get(str(cfg.method.name))(cast(dict[str, Any], OmegaConf.to_container(cfg.method, resolve=True)))
     generator, reward = build_backends(cfg)
     inputs = encode_instances(task, docs, generator, int(cfg.max_new_tokens)) if encode else None
     from qalign_repro.methods.warm_start import attach, chain_keys
@@ -173,7 +173,7 @@ def _start(cfg: DictConfig, task: Any, docs: list[dict], encode: bool = True
 
 def execute(cfg: DictConfig) -> RunStore:
     """Run (or resume, or extend) the configured run and return its store."""
-    task = get_task(OmegaConf.to_container(cfg.dataset, resolve=True))
+    task = get_task(cast(dict[str, Any], OmegaConf.to_container(cfg.dataset, resolve=True)))
     docs = shard_docs(task.docs(), int(cfg.shard.index), int(cfg.shard.count))
     name = run_name(cfg)
     prints = model_fingerprints(cfg)  # before the store exists: a bad folder leaves no empty run behind
@@ -207,7 +207,8 @@ def execute(cfg: DictConfig) -> RunStore:
         beta = _resolve_beta(cfg, store, generator, reward)
         ctx = RunContext(generator=generator, reward=reward, seed=int(cfg.seed), beta=beta,
                          max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-                         batch_size=int(cfg.batch_size), method_cfg=OmegaConf.to_container(cfg.method, resolve=True))
+                         batch_size=int(cfg.batch_size),
+                         method_cfg=cast(dict[str, Any], OmegaConf.to_container(cfg.method, resolve=True)))
         _loop(cfg, store, method, ctx, stored_chains(store), name)
     return store
 

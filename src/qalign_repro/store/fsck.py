@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qalign_repro.errors import StorageError
 from qalign_repro.store.storage import (
@@ -180,7 +180,7 @@ def check_output(out: Any, max_new: int | None) -> list[str]:
     return bad
 
 
-def transition_hook(method: str) -> Callable[[Mapping[str, Any] | None, Mapping[str, Any]], list[str]] | None:
+def transition_hook(method: str) -> Callable[[dict[str, Any] | None, dict[str, Any]], list[str]] | None:
     """The method's declared ``transition_errors(prev, cur)``, or None when it declares none (the base class's)
     or the name is not a registered method: then only the generic checks apply."""
     from qalign_repro.methods import METHODS, Method
@@ -217,14 +217,15 @@ def run_decoder(meta: Mapping[str, Any]) -> tuple[Callable[[list[int]], str] | N
     """``(decode, None)`` with the run's tokenizer, or ``(None, why not)``: only the tokenizer is loaded, from
     the shipped asset or a local folder (the stored ``meta.model.path`` first, else ``meta.config.model``), and
     never from a hub (``local_files_only``), so fsck stays fast and offline."""
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    backend = config.get("backend") if isinstance(config.get("backend"), dict) else {}
+    # cast: each is a dict by the isinstance check beside it (mypy does not narrow a repeated ``.get``)
+    config = cast(dict[str, Any], meta.get("config") if isinstance(meta.get("config"), dict) else {})
+    model = cast(dict[str, Any], config.get("model") if isinstance(config.get("model"), dict) else {})
+    backend = cast(dict[str, Any], config.get("backend") if isinstance(config.get("backend"), dict) else {})
     if backend.get("generator") == "toy":  # the toy LM's "tokenizer" is its letter table
         from qalign_repro.lm.toy import ToyGenerator
 
         return ToyGenerator(model).decode, None
-    stored = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    stored = cast(dict[str, Any], meta.get("model") if isinstance(meta.get("model"), dict) else {})
     path = stored.get("path")
     try:
         if not path or not Path(str(path)).is_dir():

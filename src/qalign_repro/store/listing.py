@@ -20,7 +20,7 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qalign_repro.errors import StorageError
 from qalign_repro.store.shards import shard_info
@@ -28,6 +28,7 @@ from qalign_repro.store.storage import LOCK_NAME, RunStore, list_runs
 
 if TYPE_CHECKING:
     import pandas as pd
+    from omegaconf import DictConfig
 
 COLUMNS = ["run", "experiment", "dataset", "method", "model", "shard", "status", "progress", "chains_done", "outputs",
            "prompts", "wall_time", "host", "gpu", "git_sha", "finished"]
@@ -152,7 +153,7 @@ def select_runs(cfg: Any) -> list[str]:
                 f"takes every run of experiment_name; the runs there belong to: {held}); allowed: "
                 "experiment_name=<one of those> (or the experiment=... you ran with), or runs='[<glob>]'")
     else:
-        patterns = [spec] if isinstance(spec, str) else list(OmegaConf.to_container(spec))
+        patterns = [spec] if isinstance(spec, str) else list(cast(list[str], OmegaConf.to_container(spec)))
         picked = [n for n in existing if any(fnmatch.fnmatch(n, p) for p in patterns)]
     if not picked:
         raise StorageError(f"runs={spec} matches no run under {root}/runs (existing: {', '.join(existing) or 'none'})")
@@ -164,7 +165,8 @@ def _default_root() -> str:
 
     from qalign_repro.cli import CONF_DIR
 
-    return str(OmegaConf.load(CONF_DIR / "config.yaml").get("output_root", "results"))
+    # cast: config.yaml is a mapping (``load`` is typed as either container)
+    return str(cast("DictConfig", OmegaConf.load(CONF_DIR / "config.yaml")).get("output_root", "results"))
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,7 +34,7 @@ BACKEND_IDENTITY = ("name", "generator", "reward")
 
 
 def generation_config(cfg: DictConfig) -> dict:
-    full = OmegaConf.to_container(cfg, resolve=True)
+    full = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     out = {k: full[k] for k in GENERATION_KEYS if k in full}
     if isinstance(out.get("backend"), dict):
         out["backend"] = {k: out["backend"].get(k) for k in BACKEND_IDENTITY}

@@ -127,7 +127,7 @@ def _interleave(iterators: list[Iterator[Any]]) -> Iterator[tuple[int, Any]]:
     alive = list(range(len(iterators)))
     partial = False
     while alive:
-        got = []
+        got: list[int] = []
         for s in alive:
             try:
                 item = next(iterators[s])

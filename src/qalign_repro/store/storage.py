@@ -32,7 +32,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from expkit import Exp
 from expkit.storage import Storage
@@ -308,7 +308,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_NAME
-        self._fh = None
+        self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
