@@ -372,7 +372,8 @@ def build_rm(args, tok, lm: LlamaForCausalLM | None) -> LlamaForSequenceClassifi
                 # identity at the start (zero output projections), uniform causal attention (zero query/key):
                 # each position sees the running mean of the prefix, so per-token evidence (an error the LM's
                 # states already reveal) can reach the last token from the first step on
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.o_proj, layer.mlp.down_proj):
                     torch.nn.init.zeros_(proj.weight)
         if args.rm_freeze_base:
             for module in (rm.model.embed_tokens, *rm.model.layers[: args.layers]):

@@ -40,6 +40,7 @@ def stored(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # nine stage runs in one interpreter (~25 s); test_a_lookup_imports_only_the_named_module is the fast check
 def test_evaluate_predict_plot_on_a_stored_run_import_no_torch_vllm_httpx(stored):
     # hf is the default backend (its module would import torch), openai's would import httpx, vllm's vllm
     proc = subprocess.run([sys.executable, "-c", STAGES, str(stored), "hf", "vllm", "openai"], cwd=REPO,

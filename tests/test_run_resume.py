@@ -29,7 +29,9 @@ def _args(root: Path, method: str, steps: int = 6) -> list[str]:
             f"steps={steps}", f"method={method}", f"output_root={root}"]
 
 
-@pytest.mark.parametrize("point", ["before_commit:0", "in_commit:2", "after_commit:3", "in_commit:5"])
+# test-fast kills at one point (inside a commit); the full suite at all four
+@pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.slow) if p != "in_commit:2" else p
+                                   for p in ("before_commit:0", "in_commit:2", "after_commit:3", "in_commit:5")])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, reference, point):
     killed = run_module("run", *_args(tmp_path, "qalign"), env={"QALIGN_KILL_AT": point}, check=False)
     assert killed.returncode == -signal.SIGKILL

@@ -75,8 +75,10 @@ def test_smoke_run_produces_loadable_hf_models(run_dir):
         assert metrics["settings"]["steps"] == 6 and metrics["wall_s"]["total"] > 0
         assert [c["step"] for c in metrics["lm"]["val_curve"]] == [3, 6]
         # the record names no absolute path: repo-relative inside the repo, "<outside repo>/NAME" outside it
-        assert metrics["settings"]["out"] == f"<outside repo>/{out.name}" and metrics["argv"][1] == metrics["settings"]["out"]
-        assert str(out) not in (out / kind / "metrics.json").read_text() and not metrics["settings"]["dataset"].startswith("/")
+        settings = metrics["settings"]
+        assert settings["out"] == f"<outside repo>/{out.name}" == metrics["argv"][1]
+        assert str(out) not in (out / kind / "metrics.json").read_text()
+        assert not settings["dataset"].startswith("/")
         card = (out / kind / "README.md").read_text()
         assert "seed 0" in card and "pairwise accuracy" in card
 
@@ -222,6 +224,28 @@ def test_synthetic_stage_and_extra_layers_run_and_are_recorded(tmp_path):
     assert [c["step"] for c in rm_info["heldout_curve"] if c["stage"] == "synthetic"] == [2, 4]
     rm = AutoModelForSequenceClassification.from_pretrained(out / "tiny-rm")
     assert rm.config.num_hidden_layers == 2  # the LM's 1 layer + 1 extra
+
+
+def test_mixed_stage_one_with_per_layer_inits_runs_and_is_recorded(tmp_path):
+    """--rm-synthetic-mix trains stage 1 on synthetic + on-policy pairs with its own dense weight / lr;
+    --rm-extra-inits gives each extra layer its init; the record holds the stage-1 steps and the RM loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "mix"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, "--rm-synthetic-prompts", "8",
+                           "--rm-synthetic-per-prompt", "2", "--rm-synthetic-mix", "--rm-synthetic-dense-weight", "2",
+                           "--rm-synthetic-lr", "1e-3", "--rm-dense-weight", "1", "--rm-dense-labels", "first-error",
+                           "--rm-extra-layers", "2", "--rm-extra-inits", "random,pool"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "tiny-rm" / "metrics.json").read_text())
+    rm_info, s = m["rm"], m["settings"]
+    assert rm_info["synthetic_pairs"] == 16 and rm_info["extra_layers"] == 2
+    assert rm_info["stage1_steps"] == -(-(16 + rm_info["train_pairs"]) // 4)  # ceil over batch 4, one epoch
+    assert (s["rm_extra_inits"], s["rm_synthetic_mix"], s["rm_synthetic_dense_weight"]) == ("random,pool", True, 2.0)
+    assert AutoModelForSequenceClassification.from_pretrained(out / "tiny-rm").config.num_hidden_layers == 3
+    with pytest.raises(ValueError, match="random\\|pool"):
+        _load_script()._extra_inits(Namespace(rm_extra_inits="pool", rm_extra_init="random", rm_extra_layers=2))
 
 
 def test_prefix_labels_mark_the_first_departure_from_the_gold_chain(tt):
