@@ -412,6 +412,17 @@ def _shared_legend(fig: Figure, axes: Sequence[plt.Axes], styles: Mapping[str, A
                    ncol=max(1, min(4, 2 * cols, len(order))), title=title, title_fontsize=6)
 
 
+def _panel_figure(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], rows: int, cols: int,
+                  title_height: float) -> tuple[Figure, Any]:
+    """A figure of ``rows`` x ``cols`` panels sized for them plus the rows of the shared legend below
+    (as many series per row as ``_shared_legend`` puts there) and ``title_height`` inches of title."""
+    w, h = plt.rcParams["figure.figsize"]
+    n_series = len([s for s in styles if s in set(df["series"])])
+    legend_rows = math.ceil(n_series / max(1, min(4, 2 * cols)))
+    fig = _new_figure(w * cols * 0.85 + 0.6 * (cols == 1), h * rows * 0.85 + 0.2 * legend_rows + title_height)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
 def figure_grid(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], metric: str) -> Figure:
     """A panel per dataset, plus the cross-dataset average when there are several, one shared legend."""
     datasets = sorted(df["dataset"].unique())
@@ -421,11 +432,7 @@ def figure_grid(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], metri
         if not avg.empty:
             panels.append(("average over datasets", avg))
     rows, cols = _grid(len(panels))
-    w, h = plt.rcParams["figure.figsize"]
-    n_series = len([s for s in styles if s in set(df["series"])])
-    legend_rows = math.ceil(n_series / max(1, min(4, 2 * cols)))
-    fig = _new_figure(w * cols * 0.85 + 0.6 * (cols == 1), h * rows * 0.85 + 0.2 * legend_rows + 0.5)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panel_figure(df, styles, rows, cols, title_height=0.5)
     for ax, (title, d) in zip(axes.flat, panels):
         draw_metric_vs_flops(ax, d, styles, metric, title)
     for ax in axes.flat[len(panels):]:
@@ -442,11 +449,7 @@ def figure_reward(df: pd.DataFrame, styles: Mapping[str, Mapping[str, Any]], met
     reward rising while accuracy falls is over-optimisation of the RM (BoN in the paper)."""
     datasets = sorted(df["dataset"].unique())
     rows, cols = _grid(len(datasets))
-    w, h = plt.rcParams["figure.figsize"]
-    n_series = len([s for s in styles if s in set(df["series"])])
-    legend_rows = math.ceil(n_series / max(1, min(4, 2 * cols)))
-    fig = _new_figure(w * cols * 0.85 + 0.6 * (cols == 1), h * rows * 0.85 + 0.2 * legend_rows + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panel_figure(df, styles, rows, cols, title_height=0.4)
     for ax, ds in zip(axes.flat, datasets):
         d = df[df["dataset"] == ds]
         ys: list[float] = []

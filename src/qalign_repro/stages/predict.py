@@ -71,7 +71,7 @@ from qalign_repro.store.reading import (
     iter_output_fields,
     reward_trace,
 )
-from qalign_repro.store.rescores import read_rescored, selection_reward
+from qalign_repro.store.rescores import read_rescored, rescored_folder, selection_reward
 from qalign_repro.store.storage import RunStore
 
 #: every rule ``predict.rules`` may name; what each one needs and does is declared in ``selection.RULES``
@@ -463,11 +463,6 @@ def write_tables(table: pd.DataFrame, diag: pd.DataFrame, out_dir: Path, root: s
                 _atomic_write(path, text)
                 paths.append(path)
     return paths
-
-
-def rescored_folder(reward: str | None) -> str | None:
-    """``reward:<RM>`` -> ``reward-<RM>``: the folder / file suffix of tables selected with a second RM."""
-    return None if reward is None else reward.replace(":", "-", 1)
 
 
 def predictions_dir(cfg: Mapping[str, Any], reward: str | None = None) -> Path:

@@ -28,6 +28,12 @@ def eval_name(reward_name: str) -> str:
     return f"{PREFIX}{reward_name}"
 
 
+def rescored_folder(name: str | None) -> str | None:
+    """``reward:<RM>`` -> ``reward-<RM>``: the folder and file suffix of predict tables selected with the rescore
+    eval ``name`` (None: the run's own rewards, the usual paths)."""
+    return None if name is None else name.replace(PREFIX, PREFIX[:-1] + "-", 1)
+
+
 def rescores_of(meta: Mapping[str, Any]) -> list[str]:
     """The rescore evals a run's meta records (sorted)."""
     return sorted((meta.get(META_KEY) or {}).keys())
