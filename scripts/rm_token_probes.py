@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     enc = tt.Encoder(tok)
     lm = LlamaForCausalLM.from_pretrained(args.lm).eval()
     docs = task.load_split("rm_train", args.prompts)
-    sampling = argparse.Namespace(max_new_tokens=64, gen_batch=128)
+    sampling = tt.parse_args([])  # the training script's own sampling settings (max_new_tokens, gen_batch)
     rows = tt.sample_texts(lm, enc, task, docs, args.samples, sampling, seed=args.seed + 1)
     rng = random.Random(args.seed + 7)
     split: dict[str, tuple[list[list[int]], list[int]]] = {"train": ([], []), "held": ([], [])}
