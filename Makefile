@@ -45,11 +45,12 @@ reproduce-tiny: install $(if $(filter vllm,$(REPRO_BACKEND)),install-vllm)
 # QAlign vs CARDS vs SSS vs ancestral sampling on the embedded default, compared at equal FLOPs
 # (results/tables/tiny_methods/equal_flops.md, figures/tiny_methods/). One CARDS or SSS output costs several
 # ancestral samples, so the cheap methods get more outputs: the curves then overlap on the FLOPs axis.
-# CARDS' threshold tau is in RM units: the tiny RM's rewards of ancestral samples lie around -0.25 (std 0.13) and
-# 97 % of them below the default tau = 0, where nearly every segment would use up its 20 candidates; -0.15 is
-# their 77th percentile. COMPARE_CARDS= (empty) runs CARDS with its defaults.
+# CARDS' threshold tau is in RM units: the learned tiny RM's rewards of ancestral samples lie around 7.4 (std 2.9;
+# 32 test prompts x 16, measured 2026-12-06) and 99 % of them above the default tau = 0, where CARDS would accept
+# nearly every first candidate; 8.9 is their 77th percentile (the circuit RM's -0.15 was its rewards' 77th).
+# COMPARE_CARDS= (empty) runs CARDS with its defaults.
 COMPARE_STEPS ?= ancestral:64 qalign:32 cards:16 sss:16
-COMPARE_CARDS ?= method.reward_threshold=-0.15
+COMPARE_CARDS ?= method.reward_threshold=8.9
 compare-tiny: install
 	for ms in $(COMPARE_STEPS); do m=$${ms%%:*}; extra=; [ "$$m" = cards ] && extra="$(COMPARE_CARDS)"; \
 		$(PY) -m qalign_repro.run experiment=tiny_methods method=$$m steps=$${ms##*:} $$extra $(OVERRIDES) \

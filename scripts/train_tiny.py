@@ -414,6 +414,79 @@ def surprise_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, docs: lis
     return rm, info
 
 
+def wide_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, fit_docs: list[dict], fit_rows: list[list[dict]],
+            pairs: list[tuple[dict, str, str]], held_docs: list[dict], held_rows: list[list[dict]],
+            on_step=None) -> tuple[LlamaForSequenceClassification, dict[str, Any]]:
+    """``--rm-init wide``: an RM wider than the policy (``scripts/tiny_rm_wide.py``), its fresh layers trained on
+    the frozen base's cached states -- first on dense per-token targets (the LM's own log-prob of each token of
+    its samples and of gold / one-error chains of the training prompts), then with Bradley-Terry on ``pairs``."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import tiny_rm_wide as wide
+
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    index: dict[tuple[int, ...], int] = {}
+
+    def add(doc: dict, text: str) -> int:
+        msgs = task.prompt(doc)
+        seq = enc.chat(msgs, text)
+        if tuple(seq) not in index:
+            index[tuple(seq)] = len(seqs)
+            seqs.append(seq)
+            starts.append(len(enc.prompt(msgs)))
+        return index[tuple(seq)]
+
+    rng = random.Random(args.seed + 7)
+    for doc, row in zip(fit_docs, fit_rows):
+        for smp in row:
+            add(doc, smp["text"])
+        gold = task.solution(doc)
+        add(doc, gold)
+        for _ in range(args.rm_dense_corruptions):
+            if (bad := corrupt(gold, rng, int(task.settings["max_value"]))) is not None:
+                add(doc, bad)
+    n_train = len(seqs)
+    pair_ids = [(add(doc, good), add(doc, bad)) for doc, good, bad in pairs]  # all in the pool already
+    for doc, row in zip(held_docs, held_rows):  # for the held-out token r only
+        for smp in row:
+            add(doc, smp["text"])
+    t0 = time.time()
+    targets = wide.lm_token_logprobs(lm, seqs, starts, enc.pad, clip=args.rm_dense_clip)
+    rm = wide.build_wide_rm(lm, args.rm_wide_extra, seed=args.seed + 2, code_scale=args.rm_wide_code_scale)
+    wide.freeze_base(rm, args.layers)
+    states = wide.base_states(rm, args.layers, seqs, enc.pad)
+    gain = wide.match_code_gain(rm, args.layers, args.hidden, states[:n_train])
+    cache_s = time.time() - t0
+    log(f"RM wide: {n_train} training sequences ({sum(len(t) for t in targets[:n_train])} completion tokens), "
+        f"base states cached in {cache_s:.0f}s, code gain {gain:.0f}")
+    # stage 1: the carry layer learns the LM's own l_t, on windows, then on whole sequences (0 on the prompt)
+    carry = wide.Top(rm, args.layers, 1)
+    train, held = (states[:n_train], starts[:n_train], targets[:n_train]), (states[n_train:], starts[n_train:],
+                                                                               targets[n_train:])
+    dense = wide.train_dense(carry, *train, steps=args.rm_dense_steps, batch=args.rm_dense_batch, lr=args.rm_dense_lr,
+                             seed=args.seed, log=log, log_every=4 * args.log_every)
+    dense["heldout_token_r_windows"] = wide.token_r(carry, *held, context=2)
+    whole = wide.train_dense(carry, *train, steps=args.rm_whole_steps, batch=args.rm_whole_batch, lr=args.rm_whole_lr,
+                             seed=args.seed + 5, context=None, warmup=20, log=log, log_every=4 * args.log_every,
+                             stage="dense (whole sequences)")
+    whole["heldout_token_r"] = wide.token_r(carry, *held)
+    log(f"RM wide stage 1: held-out token r {whole['heldout_token_r']} on whole sequences "
+        f"({dense['heldout_token_r_windows']} on windows; {len(seqs) - n_train} sequences)")
+    # stage 2: Bradley-Terry at </s> on the on-policy pairs through the pool layer, the carry layer frozen
+    feats = wide.pool_features(rm, args.layers, dict(enumerate(states[:n_train])))
+    wide.init_pool(rm, args.layers, feats, seed=args.seed + 3)
+    bt = wide.train_pool(rm, args.layers, feats, pair_ids, steps=args.rm_pool_steps, lr=args.rm_pool_lr, log=log,
+                         log_every=4 * args.log_every,
+                         on_step=None if on_step is None else lambda k: on_step(k, rm, "pool"))
+    rm.eval()
+    info = {"extra_width": args.rm_wide_extra, "code_scale": args.rm_wide_code_scale, "code_gain": round(gain, 1),
+            "dense_sequences": n_train, "dense_tokens": sum(len(t) for t in targets[:n_train]),
+            "cache_wall_s": round(cache_s, 1), "dense": dense, "whole": whole, "pairs": bt}
+    return rm, info
+
+
 def fit_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM | None,
            pairs: list[tuple[dict, str, str]], rm: LlamaForSequenceClassification | None = None,
            epochs: int | None = None, on_step=None) -> LlamaForSequenceClassification:
@@ -485,22 +558,30 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
     data_acc = float(np.mean([s["correct"] for r in rows for s in r]))
     log(f"RM: {len(pairs)} training pairs from {len(fit_docs)} prompts (LM accuracy on these samples "
         f"{data_acc:.3f}); {sample_s:.0f}s sampling")
-    circuit = None
-    if args.rm_init == "surprise":
+    curve: list[dict[str, Any]] = []
+
+    def held_out_curve(stage: str):
+        def hook(step: int, model: LlamaForSequenceClassification | None = None, name: str = stage) -> None:
+            if args.rm_eval_every and step % args.rm_eval_every == 0:
+                acc = pairwise_accuracy(rm if model is None else model, enc, task, held_docs,
+                                        held_rows)["pairwise_accuracy"]
+                curve.append({"stage": name, "step": step, "heldout_pairwise_accuracy": acc})
+                log(f"RM {name} step {step}: held-out pairwise accuracy {acc}")
+        return hook
+
+    circuit = wide = None
+    if args.rm_init == "wide":
+        if args.rm_synthetic_prompts or args.rm_dense_weight or args.rm_extra_layers:
+            raise SystemExit("--rm-init wide trains its own fresh layers on dense targets: drop --rm-synthetic-prompts, "
+                             "--rm-dense-weight and --rm-extra-layers")
+        rm, wide = wide_rm(args, enc, task, lm, fit_docs, fit_rows, pairs, held_docs, held_rows,
+                           on_step=held_out_curve("wide"))
+    elif args.rm_init == "surprise":
         rm, circuit = surprise_rm(args, enc, task, lm, fit_docs, fit_rows)
         log(f"RM: surprise circuit built; held-out pairwise accuracy before Bradley-Terry "
             f"{pairwise_accuracy(rm, enc, task, held_docs, held_rows)['pairwise_accuracy']}")
     else:
         rm = build_rm(args, tok, lm)
-    curve: list[dict[str, Any]] = []
-
-    def held_out_curve(stage: str):
-        def hook(step: int) -> None:
-            if args.rm_eval_every and step % args.rm_eval_every == 0:
-                acc = pairwise_accuracy(rm, enc, task, held_docs, held_rows)["pairwise_accuracy"]
-                curve.append({"stage": stage, "step": step, "heldout_pairwise_accuracy": acc})
-                log(f"RM {stage} step {step}: held-out pairwise accuracy {acc}")
-        return hook
 
     synthetic = []
     if args.rm_synthetic_prompts:
@@ -519,12 +600,13 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
                 setattr(s1, f"rm_{key}", getattr(args, f"rm_synthetic_{key}"))
         fit_rm(s1, tok, enc, task, lm, stage1, rm=rm, epochs=args.rm_synthetic_epochs,
                on_step=held_out_curve("synthetic"))
-    fit_rm(args, tok, enc, task, lm, pairs, rm=rm, on_step=held_out_curve("on-policy"))
+    if wide is None:
+        fit_rm(args, tok, enc, task, lm, pairs, rm=rm, on_step=held_out_curve("on-policy"))
     held = pairwise_accuracy(rm, enc, task, held_docs, held_rows)
     fit = pairwise_accuracy(rm, enc, task, fit_docs[: args.rm_fit_eval], fit_rows[: args.rm_fit_eval])
     log(f"RM: held-out pairwise accuracy {held['pairwise_accuracy']} ({held['n_pairs']} pairs, "
         f"{held['n_prompts']} prompts); train-prompt accuracy {fit['pairwise_accuracy']}")
-    info = {"init": args.rm_init, "circuit": circuit, "rm_train_prompts": len(docs), "heldout_prompts": n_held,
+    info = {"init": args.rm_init, "circuit": circuit, "wide": wide, "rm_train_prompts": len(docs), "heldout_prompts": n_held,
             "samples_per_prompt": args.rm_samples, "train_pairs": len(pairs), "synthetic_pairs": len(synthetic),
             "extra_layers": args.rm_extra_layers, "freeze_base": args.rm_freeze_base, "heldout_curve": curve,
             "steps": max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs),
@@ -597,6 +679,20 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _ci_text(acc: dict[str, Any]) -> str:
+    ci = acc.get("ci95")
+    return f"; 95 % bootstrap CI over prompts {ci[0]:.3f}–{ci[1]:.3f}" if ci else ""
+
+
+def fresh_pairwise(args, enc: Encoder, task: Arith, lm, rm) -> dict[str, Any]:
+    """The RM's pairwise accuracy on prompts neither model saw (``test`` split), on new LM samples: the figure
+    issue 19 asks for, beside the held-out rm_train one."""
+    docs = task.load_split("test")[: args.rm_fresh_prompts]
+    rows = sample_texts(lm, enc, task, docs, args.rm_samples, args, seed=args.seed + 11)
+    return {"prompts": len(docs), "samples_per_prompt": args.rm_samples,
+            **pairwise_accuracy(rm, enc, task, docs, rows)}
+
+
 def _rm_init_text(rm: dict[str, Any]) -> str:
     if rm["init"] == "surprise":
         c = rm["circuit"] or {}
@@ -607,6 +703,17 @@ def _rm_init_text(rm: dict[str, Any]) -> str:
                 f"digit-probe error <= {c.get('c0_probe_error_max', '?')}); only the scalar head is trained")
     if rm["init"] == "lm":
         return "the trained tiny-lm (as the paper initialises its RM from the policy)"
+    if rm["init"] == "wide":
+        w = rm["wide"]
+        d, f, p = w["dense"], w["whole"], w["pairs"]
+        return ("the trained tiny-lm made wider than the policy (`scripts/tiny_rm_wide.py`, no hand-set weights): "
+                f"{w['extra_width']} more residual columns, freshly drawn in the embedding and left alone by the LM's "
+                "frozen layers, so the written token reaches the top beside the LM's states. A fresh carry layer "
+                f"learnt the LM's own log-prob of each token on {w['dense_sequences']} samples and gold / one-error "
+                f"chains ({d['steps']} steps x {d['batch']} on windows, then {f['steps']} x {f['batch']} on whole "
+                f"sequences; held-out token r {f['heldout_token_r']}); then, the carry layer frozen, a fresh uniform-"
+                f"attention pool layer, the final norm and the head were trained with the Bradley–Terry loss on the "
+                f"{p['pairs']} pairs ({p['steps']} full-batch Adam steps, lr {p['lr']})")
     return "scratch"
 
 
@@ -626,6 +733,13 @@ def model_card(kind: str, metrics: dict[str, Any]) -> str:
         "Trained by `scripts/train_tiny.py` on the synthetic `arith` task (see `docs/tiny_models.md`):",
         "a miniature of the QAlign paper's task-specific setup (section 4.1, Appendix H).",
         "",
+        "Scope: trained for `arith` only. Its context (8192 positions; trained on sequences under 256 tokens, raised",
+        "afterwards, which RoPE leaves exact) holds every bundled benchmark prompt + 800 new tokens, so GSM8K, MATH-500,",
+        "MMLU-Redux, TruthfulQA and IFEval run end to end, but with arith-style answers and near-zero accuracy; `run` says",
+        "so in one line (`trained_on: [arith]` in `conf/model/tiny.yaml` / `conf/reward/tiny.yaml`). For the paper's "
+        "numbers:",
+        "`model=tulu3_8b_sft reward=tulu3_8b_rm` on a GPU (`docs/cluster.md`).",
+        "",
         f"Reproduce: {how} (seed {s['seed']}, {s['threads']} CPU thread(s); the same seed and thread count give "
         "the same weights on the same kind of CPU).",
         "",
@@ -637,7 +751,12 @@ def model_card(kind: str, metrics: dict[str, Any]) -> str:
         "ended with `</s>`.",
         f"- RM held-out pairwise accuracy (correct vs incorrect LM samples of the same held-out rm_train prompt): "
         f"**{_f(rm['heldout']['pairwise_accuracy'])}** ({rm['heldout']['n_pairs']} pairs from "
-        f"{rm['heldout']['n_prompts']} prompts); on training prompts {_f(rm['fit_subset']['pairwise_accuracy'])}.",
+        f"{rm['heldout']['n_prompts']} prompts{_ci_text(rm['heldout'])}); on training prompts "
+        f"{_f(rm['fit_subset']['pairwise_accuracy'])}.",
+        *([f"- RM pairwise accuracy on fresh prompts (`test` split, {rm['fresh']['samples_per_prompt']} new LM "
+           f"samples for each of {rm['fresh']['prompts']} prompts): **{_f(rm['fresh']['pairwise_accuracy'])}** "
+           f"({rm['fresh']['n_pairs']} pairs from {rm['fresh']['n_prompts']} prompts{_ci_text(rm['fresh'])})."]
+          if rm.get("fresh") else []),
         f"- Stated bands (tests check them): LM accuracy {metrics['ranges']['lm_accuracy']}, RM pairwise "
         f"accuracy {metrics['ranges']['rm_pairwise_accuracy']}.",
         f"- Wall time: {metrics['wall_s']['total']:.0f} s in total (LM training {metrics['wall_s']['lm_train']:.0f} s, "
@@ -656,11 +775,12 @@ def model_card(kind: str, metrics: dict[str, Any]) -> str:
                   "| step | accuracy | seconds |", "|---|---|---|"]
         lines += [f"| {c['step']} | {c['val_accuracy']:.3f} | {c['seconds']} |" for c in lm["val_curve"]]
         lines.append("")
+    shape = {k: s[k] for k in ("hidden", "layers", "heads")} if kind == "lm" else rm.get("shape", s)
     lines += [
         "## Architecture",
         "",
-        f"`{'LlamaForCausalLM' if kind == 'lm' else 'LlamaForSequenceClassification'}`, hidden {s['hidden']}, "
-        f"{s['layers']} layers, {s['heads']} heads, context {s['context']}, character-level tokenizer "
+        f"`{'LlamaForCausalLM' if kind == 'lm' else 'LlamaForSequenceClassification'}`, hidden {shape['hidden']}, "
+        f"{shape['layers']} layers, {shape['heads']} heads, context {s['context']}, character-level tokenizer "
         f"({metrics['vocab_size']} tokens, chat template `<|user|>...<|assistant|>...</s>`), "
         f"{(lm['n_params'] if kind == 'lm' else metrics['rm']['n_params']) / 1e6:.2f} M parameters.",
         "",
@@ -671,6 +791,14 @@ def model_card(kind: str, metrics: dict[str, Any]) -> str:
             f"{s['batch']}), AdamW (betas 0.9/0.95, weight decay {s['weight_decay']}), lr {s['lr']} with "
             f"{s['warmup']} warmup steps and cosine decay to {s['final_lr_frac']} x lr, cross-entropy on the "
             "answer tokens only. `generation_config.json` sets pure sampling (temperature 1, top_k 0, top_p 1).",
+        ]
+    elif rm["init"] == "wide":
+        lines += [
+            f"Built from {_rm_init_text(rm)}. The pairs are tiny-lm's own temperature-1 samples "
+            f"({rm['samples_per_prompt']} per prompt on {rm['rm_train_prompts'] - rm['heldout_prompts']} rm_train "
+            f"prompts, up to {s['rm_pairs_per_prompt']} (correct, incorrect) pairs per prompt, picked by the ground "
+            "truth). Scores are raw logits read at the closing `</s>` of the full chat (prompt + completion), as the "
+            "`hf` reward backend feeds it.",
         ]
     else:
         lines += [
@@ -741,9 +869,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 autocast for the training forwards of LM and RM (fp32 weights; ~1.4x faster on "
                         "CPUs with AVX512-BF16); sampling, scoring and the saved weights stay fp32")
     g = ap.add_argument_group("RM")
-    g.add_argument("--rm-init", choices=["surprise", "lm", "scratch"], default="surprise",
-                   help="surprise: the LM + hand-set layers scoring the LM's own surprise at the answer digits "
+    g.add_argument("--rm-init", choices=["wide", "surprise", "lm", "scratch"], default="wide",
+                   help="wide: the LM widened by fresh residual columns + two fresh layers, all learnt "
+                        "(tiny_rm_wide.py); surprise: the LM + hand-set layers scoring the LM's own surprise at the answer digits "
                         "(tiny_rm_circuit.py), head fitted by Bradley-Terry; lm: the LM + a fresh head, all trained")
+    g.add_argument("--rm-wide-extra", type=int, default=96,
+                   help="--rm-init wide: residual columns added to the LM's (hidden + extra must divide by --heads)")
+    g.add_argument("--rm-wide-code-scale", type=float, default=0.05,
+                   help="--rm-init wide: std of the new embedding columns relative to the LM embedding's")
+    g.add_argument("--rm-dense-steps", type=int, default=3000,
+                   help="--rm-init wide: stage-1 steps on windows (per-token targets)")
+    g.add_argument("--rm-dense-batch", type=int, default=64, help="--rm-init wide: sequences per stage-1 step")
+    g.add_argument("--rm-dense-lr", type=float, default=1e-3, help="--rm-init wide: stage-1 learning rate")
+    g.add_argument("--rm-whole-steps", type=int, default=600,
+                   help="--rm-init wide: stage-1 steps on whole sequences (after the windowed ones)")
+    g.add_argument("--rm-whole-batch", type=int, default=32, help="--rm-init wide: sequences per whole-sequence step")
+    g.add_argument("--rm-whole-lr", type=float, default=5e-4, help="--rm-init wide: whole-sequence learning rate")
+    g.add_argument("--rm-pool-steps", type=int, default=1000,
+                   help="--rm-init wide: stage-2 full-batch Bradley-Terry steps through the pool layer")
+    g.add_argument("--rm-pool-lr", type=float, default=3e-3, help="--rm-init wide: stage-2 learning rate")
+    g.add_argument("--rm-dense-corruptions", type=int, default=4,
+                   help="--rm-init wide: one-error chains per training prompt added to stage 1's sequences")
+    g.add_argument("--rm-dense-clip", type=float, default=-10.0,
+                   help="--rm-init wide: stage-1 targets (the LM's token log-probs) are clipped below at this")
     g.add_argument("--rm-circuit-prompts", type=int, default=300, help="training prompts the circuit is fitted on")
     g.add_argument("--rm-extra-layers", type=int, default=0, help="freshly initialised layers on top of the LM's")
     g.add_argument("--rm-extra-init", choices=["random", "pool"], default="random",
@@ -776,6 +924,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rm-epochs", type=int, default=2)
     g.add_argument("--rm-batch", type=int, default=32)
     g.add_argument("--rm-lr", type=float, default=1e-3)
+    g.add_argument("--rm-fresh-prompts", type=int, default=200,
+                   help="test prompts (x --rm-samples new LM samples) for the RM's fresh-prompt pairwise accuracy")
     g.add_argument("--rm-fit-eval", type=int, default=200, help="training prompts re-scored for the fit figure")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--test-n", type=int, default=500, help="test prompts for the LM accuracy (one sample each)")
@@ -848,6 +998,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_lm, cpu_lm = time.time(), time.process_time()
     rm, rm_info = train_rm(args, tok, enc, task, lm)
     rm_info["n_params"] = sum(p.numel() for p in rm.parameters())
+    rm_info["shape"] = {"hidden": rm.config.hidden_size, "layers": rm.config.num_hidden_layers,
+                        "heads": rm.config.num_attention_heads}
     t_rm, cpu_rm = time.time(), time.process_time()
 
     test_docs = task.load_split("test")[: args.test_n]
@@ -860,6 +1012,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     diag = selection_diagnostic(args, enc, task, lm, rm, test_docs[: args.diag_prompts]) if args.diag_prompts else None
     if diag:
         log("selection diagnostic: " + json.dumps(diag["by_n"]))
+    if args.rm_fresh_prompts:
+        rm_info["fresh"] = fresh_pairwise(args, enc, task, lm, rm)
+        log(f"RM pairwise accuracy on fresh test prompts {rm_info['fresh']['pairwise_accuracy']} "
+            f"(CI {rm_info['fresh']['ci95']}, {rm_info['fresh']['n_prompts']} prompts)")
     t_end, cpu_end = time.time(), time.process_time()
 
     # a resumed run (--lm-from) reports the LM stage as the earlier run measured it

@@ -196,7 +196,7 @@ def test_readme_example_runs_in_seconds_and_answers_in_format():
 
     t0 = time.perf_counter()
     task = load_task("arith", n=4)
-    result = QAlign(load_model("tiny", device="cpu"), load_reward("tiny", device="cpu"), beta=0.0105).run(
+    result = QAlign(load_model("tiny", device="cpu"), load_reward("tiny", device="cpu"), beta=0.998).run(
         task.docs(), steps=8, task=task)
     wall = time.perf_counter() - t0
     assert [p.answers[-1] is not None for p in result.prompts].count(True) >= 3  # "The answer is N." format

@@ -89,8 +89,8 @@ def test_card_states_the_figures_inside_the_bands(metrics):
         assert f"{metrics['lm']['test']['accuracy']:.3f}" in card
         assert f"{metrics['rm']['heldout']['pairwise_accuracy']:.3f}" in card
     size = sum(f.stat().st_size for d in (LM_DIR, RM_DIR) for f in d.glob("*.safetensors"))
-    # LM 7 MB; RM 14 MB: the LM's three layers plus the three hand-set ones (mostly zeros: 6.7 MB gzipped)
-    assert size < 25e6, "the shipped weights should stay small"
+    # LM 7 MB; RM 18 MB: the LM's three layers zero-padded to 288 columns plus two fresh layers (many zeros)
+    assert size < 30e6, "the shipped weights should stay small"
 
 
 def test_card_rm_accuracy_inside_its_band(metrics):
@@ -100,7 +100,11 @@ def test_card_rm_accuracy_inside_its_band(metrics):
 
 def test_shipped_models_are_the_documented_architecture(lm, rm, tok, metrics):
     assert type(lm).__name__ == "LlamaForCausalLM" and type(rm).__name__ == "LlamaForSequenceClassification"
-    assert lm.config.hidden_size == metrics["settings"]["hidden"] == rm.config.hidden_size
+    assert lm.config.hidden_size == metrics["settings"]["hidden"]
+    shape = metrics["rm"]["shape"]  # the learned RM is wider than the policy (docs/tiny_models.md)
+    assert (rm.config.hidden_size, rm.config.num_hidden_layers, rm.config.num_attention_heads) == (
+        shape["hidden"], shape["layers"], shape["heads"])
+    assert sum(p.numel() for p in rm.parameters()) == metrics["rm"]["n_params"]
     assert sum(p.numel() for p in lm.parameters()) == metrics["lm"]["n_params"]
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
     gc = lm.generation_config
@@ -137,7 +141,30 @@ def fresh_pairs(lm, rm, tok, task, metrics) -> tuple[int, float, dict]:
     """Pairwise accuracy of the RM on fresh on-policy samples of held-out rm_train prompts."""
     info = metrics["rm"]
     held = task.load_split("rm_train", info["rm_train_prompts"])[-info["heldout_prompts"] :][:N_PROMPTS]
-    samples = _sample(lm, tok, task, held, n=8, max_new=metrics["settings"]["max_new_tokens"], seed=1)
+    return _pairwise_on_new_samples(lm, rm, tok, task, metrics, held, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fresh_test_pairs(lm, rm, tok, task, metrics) -> tuple[int, float, dict]:
+    """The same on prompts neither model saw in training (the `test` split, other samples than the card's)."""
+    docs = task.load_split("test")[: metrics["rm"]["fresh"]["prompts"]][-N_PROMPTS:]
+    return _pairwise_on_new_samples(lm, rm, tok, task, metrics, docs, seed=2)
+
+
+def test_rm_pairwise_accuracy_on_test_prompts_matches_the_card(fresh_test_pairs):
+    """Issue 19's figure: the shipped (learned) RM ranks the correct of two fresh samples of an unseen test prompt
+    first as often as its card says (0.860 there, 171 prompts), within three standard errors, and above 0.75."""
+    prompts, acc, info = fresh_test_pairs
+    ref = info["fresh"]["pairwise_accuracy"]
+    tol = _tol(ref, prompts, info["fresh"]["n_prompts"])
+    assert abs(acc - ref) <= tol, f"pairwise accuracy {acc:.3f} ({prompts} prompts) vs card {ref:.3f} (tol {tol:.3f})"
+    assert ref >= 0.75 and info["init"] == "wide"
+
+
+def _pairwise_on_new_samples(lm, rm, tok, task, metrics, docs: list[dict], seed: int) -> tuple[int, float, dict]:
+    info = metrics["rm"]
+    held = docs
+    samples = _sample(lm, tok, task, held, n=8, max_new=metrics["settings"]["max_new_tokens"], seed=seed)
     wins, total, prompts = 0.0, 0, 0
     for doc, row in zip(held, samples):
         ok = [task.grade(doc, s)["correct"] for s in row]

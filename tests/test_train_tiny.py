@@ -24,7 +24,7 @@ SMALL = [
     "--steps", "6", "--batch", "8", "--hidden", "32", "--layers", "1", "--heads", "2",
     "--rm-prompts", "20", "--rm-samples", "3", "--rm-batch", "4", "--rm-fit-eval", "4",
     "--test-n", "12", "--diag-prompts", "4", "--diag-k", "4", "--max-new-tokens", "40",
-    "--log-every", "3", "--eval-every", "3", "--eval-n", "4", "--rm-init", "lm",
+    "--log-every", "3", "--eval-every", "3", "--eval-n", "4", "--rm-init", "lm", "--rm-fresh-prompts", "4",
 ]
 
 
@@ -302,3 +302,23 @@ def test_surprise_circuit_on_the_shipped_lm_prefers_gold_chains(tt):
     good = tt.score(rm, [enc.chat(task.prompt(d), g) for d, g, _ in pairs], enc.pad)
     bad = tt.score(rm, [enc.chat(task.prompt(d), b) for d, _, b in pairs], enc.pad)
     assert len(pairs) >= 100 and (good > bad).mean() >= 0.85, (good > bad).mean()  # chance: 0.5, SE ~0.04
+
+
+def test_smoke_run_with_the_wide_rm(tmp_path):
+    """--rm-init wide on a one-layer LM: the stages run, their figures are recorded, and the RM saves and loads as
+    a plain HF sequence classifier wider than the LM (LM width + --rm-wide-extra, the LM's heads)."""
+    small = [a for a in SMALL if a not in ("--rm-init", "lm")]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *small, "--rm-init", "wide",
+                           "--rm-wide-extra", "16", "--rm-dense-steps", "6", "--rm-dense-batch", "4",
+                           "--rm-whole-steps", "4", "--rm-whole-batch", "4", "--rm-pool-steps", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny-rm")
+    assert (rm.config.hidden_size, rm.config.head_dim, rm.config.num_hidden_layers) == (48, 16, 3)
+    info = json.loads((tmp_path / "tiny-rm" / "metrics.json").read_text())["rm"]
+    w = info["wide"]
+    assert info["init"] == "wide" and w["dense"]["steps"] == 6 and w["whole"]["steps"] == 4
+    assert w["dense"]["context"] == 2 and w["whole"]["context"] is None
+    assert -1 <= w["whole"]["heldout_token_r"] <= 1 and info["shape"]["hidden"] == 48
+    assert w["pairs"]["pairs"] == info["train_pairs"] and w["pairs"]["steps"] == (4 if info["train_pairs"] else 0)
+    assert "wider than the policy" in (tmp_path / "tiny-rm" / "README.md").read_text()

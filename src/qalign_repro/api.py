@@ -5,7 +5,7 @@
     model = load_model("tiny")            # conf/model/tiny.yaml; or a shipped asset, a folder or a hub id
     reward = load_reward("tiny")
     task = load_task("arith", n=4)        # 4 test problems, prompted in the format the tiny LM was trained on
-    result = QAlign(model, reward, beta=0.0105).run(task.docs(), steps=8, task=task)
+    result = QAlign(model, reward, beta=0.998).run(task.docs(), steps=8, task=task)
     print(result)                         # per prompt: final text, answer, gold; acceptance; accuracy
     result.prompts[0].final["text"]       # prompt 0: the chain state after the last step
     result.to_pandas()                    # one row per output: text, reward, accepted, answer, correct, ...
@@ -18,9 +18,9 @@
 stores; ``result[i]`` is that list, so the result also works as the list of lists earlier versions returned),
 with a task each output's answer and grade, and for chains the acceptance and MCMC diagnostics. With
 ``output_root`` the outputs are also stored in a run store (``storage.RunStore``) step by step, and a second
-call with the same settings resumes or extends that run instead of starting over. β = 0.0105 is the calibrated
-β of the tiny pair (``assets/tiny-rm/calibration.json``); at β = 1 the tiny RM's small reward differences make
-every proposal acceptable and the chain ignores the RM.
+call with the same settings resumes or extends that run instead of starting over. β = 0.998 is the calibrated
+β of the tiny pair for 8-step chains (``assets/tiny-rm/calibration.json``); β is in the RM's units, so another RM
+needs its own (``beta=auto`` in the CLI, or ``python -m qalign_repro.calibrate``).
 
 Nothing here samples by itself: a sampler builds the same ``RunContext`` as the run stage and calls the
 registered method's ``step`` for k = 0, 1, ..., so the API and the CLI produce identical outputs for the

@@ -199,7 +199,7 @@ def describe(df: pd.DataFrame) -> str:
         uses_beta = df["rule"].isin(BETA_RULES) if "rule" in df else df["family"] != "MV"
         betas = sorted(set(df.loc[uses_beta, "beta"].dropna()))
         if len(betas) == 1:
-            parts.append(f"β={betas[0]:g}")
+            parts.append(f"β={betas[0]:.3g}")  # the title summarises; tables keep every digit
     if "n_prompts" in df and df["n_prompts"].notna().any():
         sizes = sorted({int(v) for v in df["n_prompts"].dropna()})
         parts.append(f"{sizes[0]} prompts" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]} prompts")
