@@ -134,14 +134,15 @@ def test_training_on_cached_states_is_training_the_exported_model(setup):
 
 @pytest.mark.slow  # ~80 s on 1 thread
 def test_dense_stage_learns_the_lms_token_logprobs(setup):
-    """300 steps of the per-token stage on windows of gold / one-error chains of 800 problems: the prediction of the
+    """300 steps of the per-token stage on windows of gold / one-error chains of 600 problems: the prediction of the
     LM's own log-prob of each token on 40 unseen problems goes from r ~0.1 at init to well above the 0.33 that every
-    RM of the policy's width stayed at (docs/tiny_models.md; measured 0.56 here; 150 problems only overfit, 0.25).
-    Then 100 steps on whole sequences carry it over to whole sequences, as the exported model reads them."""
+    RM of the policy's width stayed at (docs/tiny_models.md; measured 0.52 here; 150 problems only overfit, 0.25).
+    40 steps on whole sequences, as the exported model reads them, keep it there (0.445 -> 0.465 measured; the
+    windows-vs-whole gap is small at this scale, 0.81 vs 0.21 after the shipped RM's 3,000 window steps)."""
     enc, task, lm = setup
-    docs = task.load_split("rm_train", 840)
-    seqs, starts = _chats(enc, task, docs[:800])
-    held, held_starts = _chats(enc, task, docs[800:], rng_seed=1)
+    docs = task.load_split("rm_train", 640)
+    seqs, starts = _chats(enc, task, docs[:600])
+    held, held_starts = _chats(enc, task, docs[600:], rng_seed=1)
     n = lm.config.num_hidden_layers
     rm = wide.build_wide_rm(lm, 96, seed=2)
     wide.freeze_base(rm, n)
@@ -154,7 +155,8 @@ def test_dense_stage_learns_the_lms_token_logprobs(setup):
                      log=lambda m: None)
     after = wide.token_r(carry, states[len(seqs) :], held_starts, targets[len(seqs) :], context=2)
     assert before < 0.3 and after > 0.45, (before, after)
-    wide.train_dense(carry, states[: len(seqs)], starts, targets[: len(seqs)], steps=100, batch=32, lr=5e-4, seed=1,
-                     context=None, warmup=20, log=lambda m: None)
+    misread = wide.token_r(carry, states[len(seqs) :], held_starts, targets[len(seqs) :])  # windows-trained, whole read
+    wide.train_dense(carry, states[: len(seqs)], starts, targets[: len(seqs)], steps=40, batch=16, lr=5e-4, seed=1,
+                     context=None, warmup=10, log=lambda m: None)
     whole = wide.token_r(carry, states[len(seqs) :], held_starts, targets[len(seqs) :])
-    assert whole > 0.45, whole
+    assert whole > 0.4 and whole >= misread, (misread, whole)

@@ -264,11 +264,12 @@ def test_prefix_labels_mark_the_first_departure_from_the_gold_chain(tt):
 
 
 def test_smoke_run_with_the_surprise_rm(tmp_path):
-    """The default RM init on a two-layer LM: it trains, saves, and loads as a plain HF sequence classifier with
-    attention/MLP biases (what vLLM loads too)."""
+    """The circuit RM (``--rm-init surprise``, the default until the learned RM) on a two-layer LM: it trains,
+    saves, and loads as a plain HF sequence classifier with attention/MLP biases (what vLLM loads too)."""
     small = [a for a in SMALL if a not in ("--rm-init", "lm")]
     small[small.index("--hidden") + 1], small[small.index("--layers") + 1] = "64", "2"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *small, "--rm-circuit-prompts", "6"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *small, "--rm-init", "surprise",
+                           "--rm-circuit-prompts", "6"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny-rm")
@@ -322,3 +323,22 @@ def test_smoke_run_with_the_wide_rm(tmp_path):
     assert -1 <= w["whole"]["heldout_token_r"] <= 1 and info["shape"]["hidden"] == 48
     assert w["pairs"]["pairs"] == info["train_pairs"] and w["pairs"]["steps"] == (4 if info["train_pairs"] else 0)
     assert "wider than the policy" in (tmp_path / "tiny-rm" / "README.md").read_text()
+
+
+def test_wide_rm_is_deterministic_from_its_recorded_settings(tmp_path):
+    """Issue 19: the learned RM is reproducible from the settings its card records -- two runs of the same
+    command (same seed, one thread) give bit-identical RM weights and the same figures."""
+    small = [a for a in SMALL if a not in ("--rm-init", "lm")]
+    wide = ["--rm-init", "wide", "--rm-wide-extra", "16", "--rm-dense-steps", "5", "--rm-dense-batch", "4",
+            "--rm-whole-steps", "3", "--rm-whole-batch", "4", "--rm-pool-steps", "5"]
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *small, *wide],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(out / "tiny-rm")
+    wa, wb = (load_file(o / "model.safetensors") for o in outs)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((o / "metrics.json").read_text())["rm"] for o in outs)
+    assert ma["heldout"] == mb["heldout"] and ma["wide"]["whole"]["heldout_token_r"] == mb["wide"]["whole"]["heldout_token_r"]
