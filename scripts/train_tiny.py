@@ -25,6 +25,7 @@ own seeded stream), seeded sampling. Every budget knob is a flag, so a smoke tes
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import operator
@@ -395,15 +396,20 @@ def dense_loss(per_pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.binary_cross_entropy_with_logits(per_pos[keep], labels[keep])
 
 
+def _sibling(name: str) -> Any:
+    """A module beside this script (the RM builders), also when this file is loaded by path (the tests)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
 def surprise_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, docs: list[dict],
                 rows: list[list[dict]]) -> tuple[LlamaForSequenceClassification, dict[str, Any]]:
     """``--rm-init surprise``: the LM plus the hand-set layers of ``tiny_rm_circuit`` (fitted on the LM's own
     samples of the first ``--rm-circuit-prompts`` training prompts); only the head is left trainable, and it is
     fitted in float32 (the circuit carries small signals next to a large constant)."""
-    here = str(Path(__file__).resolve().parent)  # also when this file is loaded by path (the tests)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from tiny_rm_circuit import build_surprise_rm
+    build_surprise_rm = _sibling("tiny_rm_circuit").build_surprise_rm
 
     seqs = [enc.chat(task.prompt(d), smp["text"]) for d, row in zip(docs[: args.rm_circuit_prompts], rows)
             for smp in row[:2]]
@@ -420,10 +426,7 @@ def wide_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, fit_docs: lis
     """``--rm-init wide``: an RM wider than the policy (``scripts/tiny_rm_wide.py``), its fresh layers trained on
     the frozen base's cached states -- first on dense per-token targets (the LM's own log-prob of each token of
     its samples and of gold / one-error chains of the training prompts), then with Bradley-Terry on ``pairs``."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import tiny_rm_wide as wide
+    wide = _sibling("tiny_rm_wide")
 
     seqs: list[list[int]] = []
     starts: list[int] = []
@@ -459,7 +462,8 @@ def wide_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, fit_docs: lis
     states = wide.base_states(rm, args.layers, seqs, enc.pad)
     gain = wide.match_code_gain(rm, args.layers, args.hidden, states[:n_train])
     cache_s = time.time() - t0
-    log(f"RM wide: {n_train} training sequences ({sum(len(t) for t in targets[:n_train])} completion tokens), "
+    n_tokens = sum(len(t) for t in targets[:n_train])
+    log(f"RM wide: {n_train} training sequences ({n_tokens} completion tokens), "
         f"base states cached in {cache_s:.0f}s, code gain {gain:.0f}")
     # stage 1: the carry layer learns the LM's own l_t, on windows, then on whole sequences (0 on the prompt)
     carry = wide.Top(rm, args.layers, 1)
@@ -482,7 +486,7 @@ def wide_rm(args, enc: Encoder, task: Arith, lm: LlamaForCausalLM, fit_docs: lis
                          on_step=None if on_step is None else lambda k: on_step(k, rm, "pool"))
     rm.eval()
     info = {"extra_width": args.rm_wide_extra, "code_scale": args.rm_wide_code_scale, "code_gain": round(gain, 1),
-            "dense_sequences": n_train, "dense_tokens": sum(len(t) for t in targets[:n_train]),
+            "dense_sequences": n_train, "dense_tokens": n_tokens,
             "cache_wall_s": round(cache_s, 1), "dense": dense, "whole": whole, "pairs": bt}
     return rm, info
 
@@ -609,7 +613,8 @@ def train_rm(args, tok, enc: Encoder, task: Arith, lm: LlamaForCausalLM):
     info = {"init": args.rm_init, "circuit": circuit, "wide": wide, "rm_train_prompts": len(docs), "heldout_prompts": n_held,
             "samples_per_prompt": args.rm_samples, "train_pairs": len(pairs), "synthetic_pairs": len(synthetic),
             "extra_layers": args.rm_extra_layers, "freeze_base": args.rm_freeze_base, "heldout_curve": curve,
-            "steps": max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs),
+            # the Bradley-Terry steps that ran: fit_rm's, or the wide RM's pool stage (fit_rm does not run then)
+            "steps": wide["pairs"]["steps"] if wide else max(1, math.ceil(len(pairs) / args.rm_batch) * args.rm_epochs),
             "stage1_steps": (math.ceil((len(synthetic) + len(pairs) * args.rm_synthetic_mix) / args.rm_batch)
                              * args.rm_synthetic_epochs if synthetic else 0),
             "lm_accuracy_on_rm_samples": round(data_acc, 4), "heldout": held, "fit_subset": fit,

@@ -322,6 +322,7 @@ def test_smoke_run_with_the_wide_rm(tmp_path):
     assert w["dense"]["context"] == 2 and w["whole"]["context"] is None
     assert -1 <= w["whole"]["heldout_token_r"] <= 1 and info["shape"]["hidden"] == 48
     assert w["pairs"]["pairs"] == info["train_pairs"] and w["pairs"]["steps"] == (4 if info["train_pairs"] else 0)
+    assert info["steps"] == w["pairs"]["steps"]  # the Bradley-Terry steps that ran (fit_rm does not run)
     assert "wider than the policy" in (tmp_path / "tiny-rm" / "README.md").read_text()
 
 
